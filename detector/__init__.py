@@ -1,0 +1,1 @@
+"""Sparse DETR and its baselines: models, losses, data, evaluation and cost counting."""
