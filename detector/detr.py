@@ -1,0 +1,258 @@
+"""The detector: backbone → input projections → deformable transformer → detection heads.
+
+One class covers Deformable DETR (± box refinement, ± two-stage), Efficient DETR (top-k queries,
+class-specific proposal head) and Sparse DETR (ρ, scoring network, encoder auxiliary heads). Head
+lists and their aliases under `transformer.decoder` / `transformer.encoder` are laid out exactly as in
+the official code, so official checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdetr.detector.backbone import build_backbone
+from sdetr.detector.config import ModelConfig
+from sdetr.detector.decoder import inverse_sigmoid
+from sdetr.detector.errors import ConfigError
+from sdetr.detector.transformer import DeformableTransformer
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron with ReLUs (DETR's box head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip([input_dim] + dims, dims + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return x
+
+
+class SparseDETR(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        transformer: DeformableTransformer,
+        num_classes: int,
+        num_queries: int,
+        num_feature_levels: int,
+        aux_loss: bool = True,
+        with_box_refine: bool = False,
+        two_stage: bool = False,
+        use_enc_aux_loss: bool = False,
+    ):
+        super().__init__()
+        self.num_queries = num_queries
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        self.num_feature_levels = num_feature_levels
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.use_enc_aux_loss = use_enc_aux_loss
+
+        class_embed = nn.Linear(hidden_dim, num_classes)
+        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+        projections = []
+        in_channels = backbone.num_channels[-1]
+        for lvl in range(num_feature_levels):
+            if lvl < len(backbone.num_channels):
+                conv = nn.Conv2d(backbone.num_channels[lvl], hidden_dim, kernel_size=1)
+            else:
+                # Extra coarser levels: stride-2 3x3 convs, the first on C5, then on the previous one.
+                conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1)
+                in_channels = hidden_dim
+            projections.append(nn.Sequential(conv, nn.GroupNorm(32, hidden_dim)))
+        self.input_proj = nn.ModuleList(projections)
+        self.backbone = backbone
+
+        bias_value = -math.log((1 - 0.01) / 0.01)
+        nn.init.constant_(class_embed.bias, bias_value)
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0.0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0.0)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0.0)
+
+        # Head order: [decoder 0..n-1, two-stage proposals, encoder 0..m-2] (official).
+        num_dec = transformer.decoder.num_layers
+        num_enc_aux = transformer.encoder.num_layers - 1 if use_enc_aux_loss else 0
+        num_pred = num_dec + int(two_stage) + num_enc_aux
+        if with_box_refine or use_enc_aux_loss:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        # Deformable DETR attaches the box heads for refinement; Sparse DETR attaches them whenever
+        # two-stage is on. Doing both covers every official configuration.
+        if with_box_refine or two_stage:
+            transformer.decoder.bbox_embed = self.bbox_embed
+        if two_stage:
+            transformer.decoder.class_embed = self.class_embed
+            for head in self.bbox_embed:
+                nn.init.constant_(head.layers[-1].bias[2:], 0.0)
+        if use_enc_aux_loss:
+            transformer.encoder.aux_heads = True
+            transformer.encoder.class_embed = self.class_embed[-num_enc_aux:]
+            transformer.encoder.bbox_embed = self.bbox_embed[-num_enc_aux:]
+            for head in transformer.encoder.bbox_embed:
+                nn.init.constant_(head.layers[-1].bias[2:], 0.0)
+
+    # -- dynamic sparsification ---------------------------------------------------------------------
+    @property
+    def rho(self) -> float:
+        return self.transformer.rho
+
+    def set_rho(self, rho: float) -> None:
+        """Change the encoder keeping ratio of a trained Sparse DETR (dynamic sparsification)."""
+        if self.transformer.enc_mask_predictor is None:
+            raise ConfigError("this model was built without a scoring network (rho=0); rho cannot be changed")
+        if not 0.0 < rho <= 1.0:
+            raise ConfigError(f"rho must be in (0, 1], got {rho}")
+        self.transformer.rho = float(rho)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, images: Tensor, mask: Tensor) -> dict:
+        """
+        Args:
+            images: [N, 3, H, W] normalised, zero-padded; mask: bool [N, H, W], True at padding.
+        Returns:
+            the official output dict: pred_logits [N, Q, K], pred_boxes [N, Q, 4] (cx, cy, w, h in [0, 1]),
+            aux_outputs, enc_outputs, aux_outputs_enc, backbone_mask_prediction, sparse_token_nums,
+            sampling_locations_{enc,dec}, attn_weights_{enc,dec}, spatial_shapes, level_start_index,
+            mask_flatten, backbone_topk_proposals (the keys that apply to the configuration).
+        """
+        features, masks, pos = self.backbone(images, mask)
+        srcs = [self.input_proj[lvl](feat) for lvl, feat in enumerate(features)]
+        masks, pos = list(masks), list(pos)
+        for lvl in range(len(features), self.num_feature_levels):
+            src = self.input_proj[lvl](features[-1] if lvl == len(features) else srcs[-1])
+            level_mask = F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+            srcs.append(src)
+            masks.append(level_mask)
+            pos.append(self.backbone[1](level_mask).to(src.dtype))
+
+        query_embed = None if self.two_stage else self.query_embed.weight
+        t = self.transformer(srcs, masks, pos, query_embed)
+
+        classes, coords = [], []
+        for lvl in range(t["hs"].shape[0]):
+            reference = t["init_reference"] if lvl == 0 else t["inter_references"][lvl - 1]
+            reference = inverse_sigmoid(reference)
+            delta = self.bbox_embed[lvl](t["hs"][lvl])
+            if reference.shape[-1] == 4:
+                coord = delta + reference
+            else:
+                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            classes.append(self.class_embed[lvl](t["hs"][lvl]))
+            coords.append(coord.sigmoid())
+
+        out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(classes[:-1], coords[:-1])]
+        if self.two_stage:
+            out["enc_outputs"] = {
+                "pred_logits": t["enc_outputs_class"],
+                "pred_boxes": t["enc_outputs_coord_unact"].sigmoid(),
+            }
+        if self.use_enc_aux_loss:
+            out["aux_outputs_enc"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(t["enc_aux_class"], t["enc_aux_boxes"])
+            ]
+        for key in (
+            "backbone_mask_prediction",
+            "backbone_topk_proposals",
+            "sparse_token_nums",
+            "sampling_locations_enc",
+            "attn_weights_enc",
+            "sampling_locations_dec",
+            "attn_weights_dec",
+            "spatial_shapes",
+            "level_start_index",
+            "mask_flatten",
+        ):
+            if key in t:
+                out[key] = t[key]
+        return out
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"model config: {msg}")
+
+    if not 0.0 <= cfg.rho <= 1.0:
+        raise bad(f"rho must be in [0, 1] (0 = dense encoder), got {cfg.rho}")
+    if cfg.rho > 0 and not cfg.two_stage:
+        raise bad("rho > 0 (Sparse DETR) needs two_stage=true: the scoring network reads the two-stage projection")
+    for flag in ("eff_query_init", "eff_specific_head"):
+        if getattr(cfg, flag) and not cfg.two_stage:
+            raise bad(f"{flag}=true needs two_stage=true")
+    if cfg.hidden_dim % 32 != 0:
+        raise bad(f"hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), got {cfg.hidden_dim}")
+    if cfg.hidden_dim % cfg.nheads != 0:
+        raise bad(f"hidden_dim ({cfg.hidden_dim}) must be divisible by nheads ({cfg.nheads})")
+    if cfg.num_feature_levels < 3:
+        raise bad(f"num_feature_levels must be >= 3 (C3-C5 plus extra levels), got {cfg.num_feature_levels}")
+    if cfg.enc_layers < 1 or cfg.dec_layers < 1:
+        raise bad("enc_layers and dec_layers must be >= 1")
+    if cfg.num_classes < 1 or cfg.num_queries < 1:
+        raise bad("num_classes and num_queries must be >= 1")
+
+
+def build_model(cfg: ModelConfig) -> SparseDETR:
+    validate_model_config(cfg)
+    backbone = build_backbone(cfg)
+    transformer = DeformableTransformer(
+        d_model=cfg.hidden_dim,
+        nhead=cfg.nheads,
+        num_encoder_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.dec_layers,
+        dim_feedforward=cfg.dim_feedforward,
+        dropout=cfg.dropout,
+        activation="relu",
+        num_feature_levels=cfg.num_feature_levels,
+        dec_n_points=cfg.dec_n_points,
+        enc_n_points=cfg.enc_n_points,
+        two_stage=cfg.two_stage,
+        two_stage_num_proposals=cfg.num_queries,
+        eff_query_init=cfg.eff_query_init,
+        eff_specific_head=cfg.eff_specific_head,
+        rho=cfg.rho,
+        use_enc_aux_loss=cfg.use_enc_aux_loss,
+    )
+    return SparseDETR(
+        backbone,
+        transformer,
+        num_classes=cfg.num_classes,
+        num_queries=cfg.num_queries,
+        num_feature_levels=cfg.num_feature_levels,
+        aux_loss=cfg.aux_loss,
+        with_box_refine=cfg.with_box_refine,
+        two_stage=cfg.two_stage,
+        use_enc_aux_loss=cfg.use_enc_aux_loss,
+    )
+
+
+def count_parameters(model: SparseDETR, trainable_only: bool = True, include_enc_aux_heads: bool = True) -> int:
+    """Unique parameters (shared heads counted once). The papers count Sparse DETR without the encoder
+    auxiliary heads, which are only used for training."""
+    skip: set[int] = set()
+    if not include_enc_aux_heads and model.transformer.encoder.aux_heads:
+        for lst in (model.transformer.encoder.class_embed, model.transformer.encoder.bbox_embed):
+            skip.update(id(p) for p in lst.parameters())
+    return sum(
+        p.numel() for p in model.parameters() if id(p) not in skip and (p.requires_grad or not trainable_only)
+    )
