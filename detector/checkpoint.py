@@ -6,12 +6,15 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sdetr.detector.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from sdetr.detector.config import ModelConfig
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -86,3 +89,30 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# Official argparse flag → sdetr ModelConfig field (same name unless listed).
+_OFFICIAL_BACKBONES = {"resnet50": "resnet50", "swin-t": "swin_t", "swin_t": "swin_t"}
+_OFFICIAL_FLAGS = (
+    "dilation", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "dropout",
+    "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "aux_loss", "with_box_refine",
+    "two_stage", "eff_query_init", "eff_specific_head", "rho", "use_enc_aux_loss",
+)  # fmt: skip
+
+
+def model_config_from_official_args(args: argparse.Namespace | dict) -> ModelConfig:
+    """The ModelConfig of an official checkpoint, from the ``args`` it was saved with."""
+    from sdetr.detector.config import ModelConfig
+
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    cfg = ModelConfig()
+    backbone = str(values.get("backbone", "resnet50"))
+    if backbone not in _OFFICIAL_BACKBONES:
+        raise CheckpointError(f"official checkpoint uses backbone {backbone!r}, which sdetr does not build")
+    cfg.backbone = _OFFICIAL_BACKBONES[backbone]
+    for name in _OFFICIAL_FLAGS:
+        if name in values and values[name] is not None:
+            setattr(cfg, name, type(getattr(cfg, name))(values[name]))
+    if values.get("dataset_file", "coco") != "coco":
+        raise CheckpointError(f"official checkpoint was trained on {values['dataset_file']!r}, not COCO")
+    return cfg
