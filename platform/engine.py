@@ -1,0 +1,156 @@
+"""One training epoch and one evaluation pass: shared by the single-process trainer and Ray workers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sdetr.detector.coco_eval import evaluate_detections, results_to_detections
+from sdetr.detector.errors import SdetrError
+
+# Loss terms worth logging per step (the rest are per-layer copies of these).
+LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask_prediction", "class_error")
+
+
+def to_device(images, masks, targets, device):
+    images = images.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images, masks, targets
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast("cuda", dtype=dtype)
+
+
+class NonFiniteLoss(SdetrError):
+    pass
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    clip_max_norm: float = 0.1,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    start_step: int = 0,
+    deadline: float | None = None,
+    progress=None,
+) -> dict[str, float]:
+    """Train over ``loader`` (which already skips the first ``start_step`` batches when resuming).
+
+    ``on_step(step, metrics)`` is called after every optimiser step with step = batches done this epoch.
+    Stops early (returning what it has) when ``time.monotonic()`` passes ``deadline``.
+    Returns the epoch's mean of the weighted total loss and the main loss terms.
+    """
+    model.train()
+    criterion.train()
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    step = start_step
+    for images, masks, targets in loader:
+        images, masks, targets = to_device(images, masks, targets, device)
+        with autocast(device, amp):
+            outputs = model(images, masks)
+        # Losses in fp32: the Hungarian matcher and focal loss are sensitive to half precision.
+        outputs = _to_float(outputs)
+        loss_dict = criterion(outputs, targets)
+        loss = criterion.weighted_total(loss_dict)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(
+                f"loss is {loss.item()} at step {step}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items() if k in LOGGED_LOSSES)
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        grad_norm = None
+        if clip_max_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        count += 1
+        metrics = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+        metrics.update({k: float(v) for k, v in loss_dict.items() if k in LOGGED_LOSSES})
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        for k, v in metrics.items():
+            sums[k] += v
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        if on_step is not None:
+            on_step(step, metrics)
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    return {k: v / max(count, 1) for k, v in sums.items()} | {"steps": float(count)}
+
+
+def _to_float(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _to_float(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_float(v) for v in obj]
+    return obj
+
+
+@torch.no_grad()
+def predict(model: nn.Module, postprocess: nn.Module, loader: Iterable, device: torch.device, amp: str = "none"):
+    """Run the model over ``loader``; returns COCO-format detections (a plain, picklable list)."""
+    model.eval()
+    detections: list[dict] = []
+    for images, masks, targets in loader:
+        images, masks, targets = to_device(images, masks, targets, device)
+        with autocast(device, amp):
+            outputs = model(images, masks)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocess(_to_float(outputs), orig_sizes)
+        by_image = {int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)}
+        detections.extend(results_to_detections(by_image))
+    return detections
+
+
+def evaluate(
+    model: nn.Module,
+    postprocess: nn.Module,
+    loader: Iterable,
+    coco_gt,
+    device: torch.device,
+    image_ids: list[int] | None = None,
+    amp: str = "none",
+) -> dict[str, float] | None:
+    """COCO AP over ``loader``. Under torch.distributed each rank predicts its share and rank 0
+    evaluates the gathered detections (other ranks get None)."""
+    detections = predict(model, postprocess, loader, device, amp)
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[list[dict] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, detections)
+        if dist.get_rank() != 0:
+            return None
+        detections = [d for part in gathered for d in (part or [])]
+    return evaluate_detections(coco_gt, detections, image_ids=image_ids)

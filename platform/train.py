@@ -1,0 +1,202 @@
+"""Single-process training: ``sdetr train --preset P --data DIR`` without ``--workers``.
+
+The epoch and evaluation functions live in engine.py and are shared with the Ray workers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from sdetr.detector.checkpoint import read_checkpoint, save_atomic
+from sdetr.detector.config import Config
+from sdetr.detector.criterion import build_criterion
+from sdetr.detector.data import build_dataset, collate_fn
+from sdetr.detector.detr import build_model, count_parameters
+from sdetr.detector.errors import CheckpointError, ConfigError, DataError
+from sdetr.detector.postprocess import PostProcess
+from sdetr.platform.engine import evaluate, train_one_epoch
+from sdetr.platform.optim import build_optimizer
+
+CHECKPOINT_GLOB = "checkpoint_epoch*.pth"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: no CUDA GPU is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def check_categories(dataset, num_classes: int, source: str) -> None:
+    max_id = int(getattr(dataset, "num_categories_max_id", 0))
+    if max_id >= num_classes:
+        raise ConfigError(
+            f"{source}: category ids go up to {max_id} but model.num_classes is {num_classes}; "
+            f"set model.num_classes={max_id + 1}"
+        )
+
+
+def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoader]:
+    data_root = Path(cfg.data.root)
+    if not data_root.is_dir():
+        raise DataError(f"{data_root}: data folder not found (expected the COCO 2017 layout; `sdetr data synth` makes one)")
+    train_set = build_dataset("train", cfg.data)
+    val_set = build_dataset("val", cfg.data)
+    check_categories(train_set, cfg.model.num_classes, str(data_root))
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=cfg.optim.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_fn,
+        num_workers=cfg.data.num_workers,
+        generator=generator,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=cfg.optim.batch_size, shuffle=False, collate_fn=collate_fn, num_workers=cfg.data.num_workers
+    )
+    if len(train_loader) == 0:
+        raise DataError(
+            f"{data_root}: {len(train_set)} training images is fewer than one batch of {cfg.optim.batch_size}"
+        )
+    return train_set, val_set, train_loader, val_loader
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; torn or corrupt files are skipped with a warning."""
+    for path in sorted(ckpt_dir.glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as exc:
+            print(f"warning: skipping unreadable checkpoint: {exc}")
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in sorted(ckpt_dir.glob(CHECKPOINT_GLOB))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def train(cfg: Config, resume: bool = False, log=print) -> list[dict[str, float]]:
+    """Train ``cfg`` on one device; returns the per-epoch metrics (also written to metrics.jsonl)."""
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    existing = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    if existing and not resume:
+        raise ConfigError(
+            f"{out_dir}: already holds checkpoints ({existing[0].name}); pass --resume to continue that run "
+            "or choose another --output"
+        )
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    train_set, val_set, train_loader, val_loader = build_loaders(cfg, cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    criterion = build_criterion(cfg.model, cfg.loss).to(device)
+    postprocess = PostProcess()
+    optimizer, scheduler = build_optimizer(model, cfg.optim, global_batch=cfg.optim.batch_size)
+    scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" and device.type == "cuda" else None
+
+    start_epoch = 0
+    history: list[dict[str, float]] = []
+    if existing and resume:
+        path, state = existing
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
+        torch.set_rng_state(state["rng"]["torch"])
+        log(f"resumed from {path} (epoch {start_epoch} of {cfg.optim.epochs})")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    log(
+        f"{cfg.preset}: {count_parameters(model) / 1e6:.2f}M trainable parameters, "
+        f"{len(train_set)} train / {len(val_set)} val images, device {device}"
+    )
+    deadline = time.monotonic() + cfg.train.time_limit_s if cfg.train.time_limit_s > 0 else None
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        # A per-epoch seed keeps shuffling and augmentation reproducible across resumes.
+        seed_everything(cfg.train.seed + epoch)
+        train_loader.generator.manual_seed(cfg.train.seed + epoch)
+        progress = _progress(len(train_loader), f"epoch {epoch + 1}/{cfg.optim.epochs}", cfg.train.progress)
+        t0 = time.monotonic()
+        stats = train_one_epoch(
+            model,
+            criterion,
+            train_loader,
+            optimizer,
+            device,
+            clip_max_norm=cfg.optim.clip_max_norm,
+            amp=cfg.train.amp,
+            scaler=scaler,
+            deadline=deadline,
+            progress=progress,
+        )
+        if progress is not None:
+            progress.close()
+        scheduler.step()
+        record = {"epoch": epoch, "train_time_s": time.monotonic() - t0}
+        record.update({f"train_{k}": v for k, v in stats.items()})
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        last = epoch + 1 == cfg.optim.epochs or out_of_time
+        if (epoch + 1) % max(cfg.train.eval_every_epochs, 1) == 0 or last:
+            metrics = evaluate(model, postprocess, val_loader, val_set.coco, device, amp=cfg.train.amp)
+            record.update(metrics or {})
+        history.append(record)
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "config": cfg.to_dict(),
+                "history": history,
+                "rng": {"torch": torch.get_rng_state()},
+            },
+            ckpt_dir / f"checkpoint_epoch{epoch:04d}.pth",
+        )
+        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(_format_record(record))
+        if out_of_time:
+            log(f"time limit of {cfg.train.time_limit_s:.0f}s reached after epoch {epoch + 1}")
+            break
+    return history
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _format_record(record: dict[str, float]) -> str:
+    parts = [f"epoch {int(record['epoch']) + 1}", f"loss {record.get('train_loss', float('nan')):.4f}"]
+    for key in ("AP", "AP50", "AP75"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.3f}")
+    parts.append(f"{record['train_time_s']:.0f}s")
+    return " | ".join(parts)
