@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdetr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="inspect presets and models").add_subparsers(dest="model_cmd", required=True)
+    model = sub.add_parser("model", help="inspect presets and models").add_subparsers(
+        dest="model_cmd", required=True
+    )
     model.add_parser("list", help="list the presets")
     info = model.add_parser("info", help="summary of a preset's model")
     info.add_argument("preset")
@@ -49,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a detector")
     train.add_argument("--preset", help="preset name (see `sdetr model list`)")
-    train.add_argument("--config", type=Path, help="a YAML config (e.g. a run's config.yaml) instead of a preset")
+    train.add_argument(
+        "--config", type=Path, help="a YAML config (e.g. a run's config.yaml) instead of a preset"
+    )
     train.add_argument("--data", type=Path, help="data root in the COCO 2017 layout (sets data.root)")
     train.add_argument("--epochs", type=int, help="sets optim.epochs")
-    train.add_argument("--output", type=Path, help="run folder (sets train.output_dir)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    train.add_argument(
+        "--output", type=Path, help="run folder (sets train.output_dir); re-running on it resumes the run"
+    )
     _add_set(train)
 
     sub.add_parser("doctor", help="check the installation and which deformable-attention backend is active")
@@ -104,11 +109,21 @@ def cmd_model(args) -> int:
         f"transformer       d={m.hidden_dim} heads={m.nheads} enc={m.enc_layers} dec={m.dec_layers} "
         f"ffn={m.dim_feedforward} levels={m.num_feature_levels} queries={m.num_queries}"
     )
-    flags = [f for f in ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss") if getattr(m, f)]
+    flags = [
+        f
+        for f in ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
+        if getattr(m, f)
+    ]
     print(f"options           {', '.join(flags) or 'none'}; rho={m.rho}")
-    print(f"parameters        {summary['num_params_trainable'] / 1e6:.2f}M trainable, {summary['num_params_total'] / 1e6:.2f}M total")
+    print(
+        f"parameters        {summary['num_params_trainable'] / 1e6:.2f}M trainable, "
+        f"{summary['num_params_total'] / 1e6:.2f}M total"
+    )
     if m.use_enc_aux_loss:
-        print(f"                  {summary['num_params_trainable_without_enc_aux_heads'] / 1e6:.2f}M trainable without the encoder aux heads (as the paper counts)")
+        print(
+            f"                  {summary['num_params_trainable_without_enc_aux_heads'] / 1e6:.2f}M trainable "
+            "without the encoder aux heads (as the paper counts)"
+        )
     print(f"state_dict        {len(state)} entries")
     return 0
 
@@ -116,7 +131,9 @@ def cmd_model(args) -> int:
 def cmd_data(args) -> int:
     from sdetr.detector.data.synth import generate_synthetic_coco
 
-    summary = generate_synthetic_coco(args.out, n_train=args.train, n_val=args.val, seed=args.seed, overwrite=args.overwrite)
+    summary = generate_synthetic_coco(
+        args.out, n_train=args.train, n_val=args.val, seed=args.seed, overwrite=args.overwrite
+    )
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -133,7 +150,7 @@ def cmd_train(args) -> int:
         cfg.train.output_dir = str(args.output)
     elif cfg.train.output_dir == "runs/train":
         cfg.train.output_dir = f"runs/{cfg.preset}"
-    train(cfg, resume=args.resume)
+    train(cfg)
     print(f"run folder: {cfg.train.output_dir}")
     return 0
 

@@ -90,9 +90,8 @@ def doctor_report(load: bool = True) -> str:
             + (", CUDA" if st.get("cuda_kernels") else "")
         )
     if "cuda_in_build" in st:
-        lines.append(
-            f"  CUDA sources  {'included' if st.get('cuda_in_build') else 'not included'}: {st.get('cuda_reason')}"
-        )
+        included = "included" if st.get("cuda_in_build") else "not included"
+        lines.append(f"  CUDA sources  {included}: {st.get('cuda_reason')}")
     if st.get("build_dir"):
         lines.append(f"  build dir     {st.get('build_dir')}")
     if st.get("library"):

@@ -94,7 +94,7 @@ def train_one_epoch(
         step += 1
         count += 1
         metrics = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-        metrics.update({k: float(v) for k, v in loss_dict.items() if k in LOGGED_LOSSES})
+        metrics.update({k: float(v.detach()) for k, v in loss_dict.items() if k in LOGGED_LOSSES})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         for k, v in metrics.items():
@@ -120,7 +120,9 @@ def _to_float(obj: Any) -> Any:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, postprocess: nn.Module, loader: Iterable, device: torch.device, amp: str = "none"):
+def predict(
+    model: nn.Module, postprocess: nn.Module, loader: Iterable, device: torch.device, amp: str = "none"
+):
     """Run the model over ``loader``; returns COCO-format detections (a plain, picklable list)."""
     model.eval()
     detections: list[dict] = []

@@ -54,7 +54,10 @@ def check_categories(dataset, num_classes: int, source: str) -> None:
 def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoader]:
     data_root = Path(cfg.data.root)
     if not data_root.is_dir():
-        raise DataError(f"{data_root}: data folder not found (expected the COCO 2017 layout; `sdetr data synth` makes one)")
+        raise DataError(
+            f"{data_root}: data folder not found "
+            "(expected the COCO 2017 layout; `sdetr data synth` makes one)"
+        )
     train_set = build_dataset("train", cfg.data)
     val_set = build_dataset("val", cfg.data)
     check_categories(train_set, cfg.model.num_classes, str(data_root))
@@ -70,7 +73,11 @@ def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoa
         persistent_workers=cfg.data.num_workers > 0,
     )
     val_loader = DataLoader(
-        val_set, batch_size=cfg.optim.batch_size, shuffle=False, collate_fn=collate_fn, num_workers=cfg.data.num_workers
+        val_set,
+        batch_size=cfg.optim.batch_size,
+        shuffle=False,
+        collate_fn=collate_fn,
+        num_workers=cfg.data.num_workers,
     )
     if len(train_loader) == 0:
         raise DataError(
@@ -96,16 +103,39 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> list[dict[str, float]]:
-    """Train ``cfg`` on one device; returns the per-epoch metrics (also written to metrics.jsonl)."""
+# Fields that may change between attempts of one run without making it a different run.
+RESUMABLE_CHANGES = (
+    "optim.epochs",
+    "train.progress",
+    "train.time_limit_s",
+    "data.num_workers",
+    "train.output_dir",
+)
+
+
+def config_differences(saved: dict, cfg: Config) -> list[str]:
+    """Dotted keys whose values differ between a checkpoint's config and ``cfg``."""
+    before = Config.from_dict(saved, source="checkpoint config").flat()
+    now = cfg.flat()
+    return [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+
+
+def train(cfg: Config, log=print) -> list[dict[str, float]]:
+    """Train ``cfg`` on one device; returns the per-epoch metrics (also written to metrics.jsonl).
+
+    Running it again on the same run folder with the same config continues from the latest valid
+    checkpoint (or does nothing when the run is finished); a different config is refused.
+    """
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     existing = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
-    if existing and not resume:
-        raise ConfigError(
-            f"{out_dir}: already holds checkpoints ({existing[0].name}); pass --resume to continue that run "
-            "or choose another --output"
-        )
+    if existing:
+        changed = config_differences(existing[1].get("config", {}), cfg)
+        if changed:
+            raise ConfigError(
+                f"{out_dir}: holds a run with a different config ({', '.join(changed[:5])} differ); "
+                "choose another --output to start a new run"
+            )
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     train_set, val_set, train_loader, val_loader = build_loaders(cfg, cfg.train.seed)
@@ -117,7 +147,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> list[dict[str, float]
 
     start_epoch = 0
     history: list[dict[str, float]] = []
-    if existing and resume:
+    if existing:
         path, state = existing
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -125,7 +155,10 @@ def train(cfg: Config, resume: bool = False, log=print) -> list[dict[str, float]
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
         torch.set_rng_state(state["rng"]["torch"])
-        log(f"resumed from {path} (epoch {start_epoch} of {cfg.optim.epochs})")
+        if start_epoch >= cfg.optim.epochs:
+            log(f"{out_dir}: already finished ({cfg.optim.epochs} epochs); nothing to do")
+            return history
+        log(f"resuming from {path.name}: epoch {start_epoch + 1} of {cfg.optim.epochs}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -136,9 +136,9 @@ def test_synth_is_deterministic_by_seed(tmp_path):
     generate_synthetic_coco(tmp_path / "c", n_train=4, n_val=2, seed=8, **SMALL)
     assert a["train"]["images"] == 4 and a["val"]["images"] == 2
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert len(_digest(tmp_path / "a")) == 4 + 2 + 2
+    assert len(_digest(tmp_path / "a")) == 4 + 2 + 2 + 1  # images, two annotation files, synth.json
     differing = set(_digest(tmp_path / "a").items()) ^ set(_digest(tmp_path / "c").items())
-    assert len(differing) >= 2 * 8  # every file differs
+    assert len(differing) >= 2 * 9  # every file differs
 
 
 def test_synth_default_mix_covers_coco_buckets(tmp_path):
@@ -159,7 +159,7 @@ def test_synth_refuses_to_overwrite_and_is_atomic(tmp_path, monkeypatch):
     out = tmp_path / "set"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(DataError, match="not empty.*overwrite=True"):
+    with pytest.raises(DataError, match="not empty.*--overwrite"):
         generate_synthetic_coco(out, n_train=2, n_val=1, **SMALL)
     assert (out / "keep.txt").exists()
     generate_synthetic_coco(out, n_train=2, n_val=1, overwrite=True, **SMALL)
@@ -177,6 +177,17 @@ def test_synth_refuses_to_overwrite_and_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic_coco(tmp_path / "fresh", n_train=2, n_val=1, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_synth_rerun_with_same_arguments_is_a_no_op(tmp_path):
+    out = tmp_path / "set"
+    first = generate_synthetic_coco(out, n_train=2, n_val=1, seed=3, **SMALL)
+    stamp = (out / "train2017").stat().st_mtime_ns
+    again = generate_synthetic_coco(out, n_train=2, n_val=1, seed=3, **SMALL)
+    assert again["up_to_date"] and again["train"] == first["train"]
+    assert (out / "train2017").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="not empty"):
+        generate_synthetic_coco(out, n_train=3, n_val=1, seed=3, **SMALL)
 
 
 # -- dataset items ---------------------------------------------------------------------------------

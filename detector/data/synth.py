@@ -34,6 +34,7 @@ import PIL.ImageDraw
 
 from sdetr.detector.errors import DataError
 
+MARKER = "synth.json"  # what made this set; lets a re-run with the same arguments skip
 SYNTH_CATEGORIES = ("circle", "square", "triangle", "cross", "ring")
 # Preferred fill colour per class (RGB); used for 60% of the objects of that class.
 _CLASS_COLOURS = ((220, 40, 40), (40, 90, 230), (40, 190, 60), (245, 200, 30), (200, 60, 210))
@@ -298,8 +299,21 @@ def generate_synthetic_coco(
         raise DataError(f"image counts must be >= 0, got n_train={n_train}, n_val={n_val}")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a folder")
+    params = {"n_train": n_train, "n_val": n_val, "seed": seed, "min_size": min_size, "max_size": max_size}
+    marker = out / MARKER
+    if not overwrite and marker.is_file():
+        try:
+            previous = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous is not None and previous.get("params") == params:
+            # Same arguments, same bytes: re-running the README's command is a no-op.
+            return {**previous, "out_dir": str(out), "up_to_date": True}
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+        raise DataError(
+            f"{out} exists and is not empty (and is not a synthetic set made with these arguments); "
+            "pass --overwrite to replace it"
+        )
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -310,6 +324,8 @@ def generate_synthetic_coco(
             "train": _write_split(tmp, "train", n_train, seed, min_size, max_size),
             "val": _write_split(tmp, "val", n_val, seed, min_size, max_size),
         }
+        summary = {"seed": seed, "categories": list(SYNTH_CATEGORIES), "params": params, **splits}
+        (tmp / MARKER).write_text(json.dumps(summary, indent=2))
         if out.exists():
             # Move the old set aside first so the new one appears in a single rename.
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -321,10 +337,4 @@ def generate_synthetic_coco(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {
-        "out_dir": str(out),
-        "seed": seed,
-        "categories": list(SYNTH_CATEGORIES),
-        "seconds": round(time.perf_counter() - start, 2),
-        **splits,
-    }
+    return {"out_dir": str(out), "seconds": round(time.perf_counter() - start, 2), **summary}
