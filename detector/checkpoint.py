@@ -29,7 +29,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -70,7 +72,9 @@ def load_model_weights(model: nn.Module, path: str | Path, strict: bool = True) 
             parts.append(f"unexpected keys: {show(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches: {show(mismatched)}")
-        raise CheckpointError(f"{path}: does not fit this model ({'; '.join(parts)}); is it the right preset?")
+        raise CheckpointError(
+            f"{path}: does not fit this model ({'; '.join(parts)}); is it the right preset?"
+        )
     model.load_state_dict(state, strict=strict)
     return obj
 

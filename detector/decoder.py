@@ -111,7 +111,13 @@ class DeformableDecoder(nn.Module):
                 ratios = valid_ratios[:, None]
             reference_input = reference_points[:, :, None] * ratios
             output, locations, weights = layer(
-                output, query_pos, reference_input, memory, spatial_shapes, level_start_index, memory_padding_mask
+                output,
+                query_pos,
+                reference_input,
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
             )
             locations_all.append(locations)
             weights_all.append(weights)
@@ -120,7 +126,9 @@ class DeformableDecoder(nn.Module):
                 if reference_points.shape[-1] == 4:
                     refined = (delta + inverse_sigmoid(reference_points)).sigmoid()
                 else:
-                    refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                    refined = torch.cat(
+                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1
+                    )
                     refined = refined.sigmoid()
                 reference_points = refined.detach()
             hs.append(output)

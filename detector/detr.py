@@ -162,7 +162,9 @@ class SparseDETR(nn.Module):
 
         out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
         if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(classes[:-1], coords[:-1])]
+            out["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(classes[:-1], coords[:-1])
+            ]
         if self.two_stage:
             out["enc_outputs"] = {
                 "pred_logits": t["enc_outputs_class"],
@@ -196,12 +198,17 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if not 0.0 <= cfg.rho <= 1.0:
         raise bad(f"rho must be in [0, 1] (0 = dense encoder), got {cfg.rho}")
     if cfg.rho > 0 and not cfg.two_stage:
-        raise bad("rho > 0 (Sparse DETR) needs two_stage=true: the scoring network reads the two-stage projection")
+        raise bad(
+            "rho > 0 (Sparse DETR) needs two_stage=true: the scoring network reads the two-stage projection"
+        )
     for flag in ("eff_query_init", "eff_specific_head"):
         if getattr(cfg, flag) and not cfg.two_stage:
             raise bad(f"{flag}=true needs two_stage=true")
     if cfg.hidden_dim % 32 != 0:
-        raise bad(f"hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), got {cfg.hidden_dim}")
+        raise bad(
+            "hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), "
+            f"got {cfg.hidden_dim}"
+        )
     if cfg.hidden_dim % cfg.nheads != 0:
         raise bad(f"hidden_dim ({cfg.hidden_dim}) must be divisible by nheads ({cfg.nheads})")
     if cfg.num_feature_levels < 3:
@@ -246,7 +253,9 @@ def build_model(cfg: ModelConfig) -> SparseDETR:
     )
 
 
-def count_parameters(model: SparseDETR, trainable_only: bool = True, include_enc_aux_heads: bool = True) -> int:
+def count_parameters(
+    model: SparseDETR, trainable_only: bool = True, include_enc_aux_heads: bool = True
+) -> int:
     """Unique parameters (shared heads counted once). The papers count Sparse DETR without the encoder
     auxiliary heads, which are only used for training."""
     skip: set[int] = set()

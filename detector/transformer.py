@@ -161,10 +161,15 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
         lvl_pos = torch.cat(
-            [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)],
+            [
+                p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                for lvl, p in enumerate(pos_embeds)
+            ],
             1,
         )
-        spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=src_flatten.device)
+        spatial_shapes = torch.as_tensor(
+            [s.shape[-2:] for s in srcs], dtype=torch.long, device=src_flatten.device
+        )
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         out: dict[str, Tensor | list[Tensor] | None] = {
@@ -212,7 +217,9 @@ class DeformableTransformer(nn.Module):
         # Decoder queries.
         n, _, c = memory.shape
         if self.two_stage:
-            output_memory, output_proposals, _ = self.encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+            output_memory, output_proposals, _ = self.encoder_output_proposals(
+                memory, mask_flatten, spatial_shapes
+            )
             head = self.decoder.num_layers
             enc_class = self.decoder.class_embed[head](output_memory)
             enc_coord_unact = output_proposals + self.decoder.bbox_embed[head](output_memory)
@@ -237,7 +244,14 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()
 
         dec = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask_flatten
+            tgt,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            query_pos,
+            mask_flatten,
         )
         out["hs"] = dec["hs"]
         out["init_reference"] = reference_points

@@ -17,7 +17,10 @@ from tests.test_model import padded_batch
 def official_like_checkpoint(model, path, **args):
     """Mimic what the official main.py saves: model/optimizer/lr_scheduler/epoch/args."""
     namespace = argparse.Namespace(backbone="resnet50", dataset_file="coco", **args)
-    torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 49, "args": namespace}, path)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 49, "args": namespace},
+        path,
+    )
 
 
 def test_official_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path):
@@ -67,8 +70,17 @@ def test_truncated_real_checkpoint(tmp_path):
 
 def test_model_config_from_official_args():
     args = argparse.Namespace(
-        backbone="swin-t", with_box_refine=True, two_stage=True, eff_query_init=True, eff_specific_head=True,
-        rho=0.3, use_enc_aux_loss=True, num_queries=300, hidden_dim=256, dataset_file="coco", lr=2e-4,
+        backbone="swin-t",
+        with_box_refine=True,
+        two_stage=True,
+        eff_query_init=True,
+        eff_specific_head=True,
+        rho=0.3,
+        use_enc_aux_loss=True,
+        num_queries=300,
+        hidden_dim=256,
+        dataset_file="coco",
+        lr=2e-4,
     )
     cfg = model_config_from_official_args(args)
     assert cfg.backbone == "swin_t" and cfg.rho == 0.3 and cfg.use_enc_aux_loss and cfg.eff_query_init

@@ -55,8 +55,16 @@ def test_forward_backward_every_preset(preset):
 def tiny_transformer(rho: float) -> DeformableTransformer:
     torch.manual_seed(0)
     t = DeformableTransformer(
-        d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=64, dropout=0.0,
-        num_feature_levels=2, two_stage=True, two_stage_num_proposals=10, rho=rho,
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=1,
+        dim_feedforward=64,
+        dropout=0.0,
+        num_feature_levels=2,
+        two_stage=True,
+        two_stage_num_proposals=10,
+        rho=rho,
     )
     # The two-stage head normally comes from the detector; a small one suffices here.
     from sdetr.detector.detr import MLP

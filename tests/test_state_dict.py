@@ -35,7 +35,7 @@ def _msda(prefix: str) -> dict[str, tuple]:
 
 def _heads(prefix: str, indices) -> dict[str, tuple]:
     out = {}
-    for new, i in enumerate(indices):
+    for new, _ in enumerate(indices):
         out.update(_linear(f"{prefix}class_embed.{new}", D, CLASSES))
         for j, (a, b) in enumerate([(D, D), (D, D), (D, 4)]):
             out.update(_linear(f"{prefix}bbox_embed.{new}.layers.{j}", a, b))
@@ -52,7 +52,11 @@ def _resnet50_keys() -> dict[str, tuple]:
 
 
 def _swin_t_keys() -> dict[str, tuple]:
-    out = {"patch_embed.proj.weight": (96, 3, 4, 4), "patch_embed.proj.bias": (96,), **_norm("patch_embed.norm", 96)}
+    out = {
+        "patch_embed.proj.weight": (96, 3, 4, 4),
+        "patch_embed.proj.bias": (96,),
+        **_norm("patch_embed.norm", 96),
+    }
     dims, depths, heads = [96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24]
     for i, (dim, depth, nh) in enumerate(zip(dims, depths, heads)):
         for j in range(depth):
@@ -154,8 +158,14 @@ def test_shared_heads_alias_one_tensor():
     assert sd["class_embed.0.weight"].data_ptr() == sd["class_embed.5.weight"].data_ptr()
     refined = build_model(get_preset("r50_sparse_detr_rho_0.1").model).state_dict()
     assert refined["class_embed.0.weight"].data_ptr() != refined["class_embed.1.weight"].data_ptr()
-    assert refined["transformer.encoder.class_embed.0.weight"].data_ptr() == refined["class_embed.7.weight"].data_ptr()
-    assert refined["transformer.decoder.bbox_embed.6.layers.2.bias"].data_ptr() == refined["bbox_embed.6.layers.2.bias"].data_ptr()
+    assert (
+        refined["transformer.encoder.class_embed.0.weight"].data_ptr()
+        == refined["class_embed.7.weight"].data_ptr()
+    )
+    assert (
+        refined["transformer.decoder.bbox_embed.6.layers.2.bias"].data_ptr()
+        == refined["bbox_embed.6.layers.2.bias"].data_ptr()
+    )
 
 
 # Published trainable parameter counts (millions, one decimal), and the exact counts they round from.
