@@ -67,7 +67,9 @@ def ms_deform_attn(
         return torch.ops.sdetr.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn_pytorch(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
 
 class MSDeformAttn(nn.Module):

@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set(train)
 
-    sub.add_parser("doctor", help="check the installation and which deformable-attention backend is active")
+    from sdetr.platform.doctor import add_doctor_arguments
+
+    add_doctor_arguments(
+        sub.add_parser("doctor", help="check the installation and which deformable-attention backend is active")
+    )
     return parser
 
 
@@ -156,14 +160,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    try:
-        from sdetr.platform.doctor import main_doctor
-    except ImportError:
-        from sdetr.detector.ops import backend_status
+    from sdetr.platform.doctor import main_doctor
 
-        print(json.dumps(backend_status(), indent=2))
-        return 0
     return main_doctor(args)
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of a user error, without the traceback text that DataLoader workers wrap around it."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except SdetrError as exc:
-        print(f"sdetr: error: {exc}", file=sys.stderr)
+        print(f"sdetr: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdetr: interrupted", file=sys.stderr)

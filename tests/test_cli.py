@@ -57,3 +57,22 @@ def test_user_mistakes_give_one_clear_line(args, message):
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
     assert res.stderr.startswith("sdetr: error: ")
+
+
+def test_errors_raised_in_dataloader_workers_lose_the_traceback(tmp_path):
+    import torch.utils.data
+
+    from sdetr.detector.errors import DataError
+    from sdetr.platform.cli import user_message
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise DataError("train2017/000000000007.jpg (image id 7): cannot read image")
+
+    with pytest.raises(DataError) as info:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert "Traceback" in str(info.value)
+    assert user_message(info.value) == "train2017/000000000007.jpg (image id 7): cannot read image"
