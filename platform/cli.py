@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sdetr.platform.doctor import add_doctor_arguments
 
     add_doctor_arguments(
-        sub.add_parser("doctor", help="check the installation and which deformable-attention backend is active")
+        sub.add_parser("doctor", help="check the installation and the active deformable-attention backend")
     )
     return parser
 
