@@ -50,15 +50,18 @@ _TINY_MODEL = {
 }
 _TINY_DATA = {
     "root": "data/synth",
-    "train_scales": [224, 256, 288, 320],
-    "train_max_size": 480,
-    "crop_resize_scales": [200, 250, 300],
-    "crop_min_size": 160,
-    "crop_max_size": 300,
-    "val_scale": 288,
-    "val_max_size": 480,
+    "train_scales": [192, 224, 256, 288],
+    "train_max_size": 400,
+    "crop_resize_scales": [160, 200, 240],
+    "crop_min_size": 128,
+    "crop_max_size": 240,
+    "val_scale": 256,
+    "val_max_size": 400,
+    "num_workers": 1,
 }
-_TINY_OPTIM = {"lr": 4e-4, "lr_backbone": 4e-5, "batch_size": 4, "epochs": 12, "lr_drop": 10}
+# From random init the backbone learns at the transformer's rate. The schedule fits the learning
+# benchmark's 15 minutes on 2 CPU cores (1000 synthetic images per epoch).
+_TINY_OPTIM = {"lr": 4e-4, "lr_backbone": 4e-4, "batch_size": 4, "epochs": 5, "lr_drop": 4}
 
 
 def _build_table() -> dict[str, dict[str, Any]]:
