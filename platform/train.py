@@ -70,7 +70,9 @@ def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoa
         collate_fn=collate_fn,
         num_workers=cfg.data.num_workers,
         generator=generator,
-        persistent_workers=cfg.data.num_workers > 0,
+        # Fresh workers each epoch are seeded from the generator, which is re-seeded per epoch: the
+        # shuffling and augmentation of epoch e are the same whether or not the run was resumed.
+        persistent_workers=False,
     )
     val_loader = DataLoader(
         val_set,
