@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=100, help="validation images (default 100)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace an existing data set in --out")
+    synth.set_defaults(func=cmd_data_synth)
+    from sdetr.platform.shard import add_shard_parser
+
+    add_shard_parser(data)
 
     train = sub.add_parser("train", help="train a detector")
     train.add_argument("--preset", help="preset name (see `sdetr model list`)")
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, help="run folder (sets train.output_dir); re-running on it resumes the run"
     )
     _add_set(train)
+    from sdetr.platform.ray_train import add_distributed_args
+
+    add_distributed_args(train)
 
     from sdetr.platform.doctor import add_doctor_arguments
 
@@ -133,6 +140,10 @@ def cmd_model(args) -> int:
 
 
 def cmd_data(args) -> int:
+    return args.func(args)
+
+
+def cmd_data_synth(args) -> int:
     from sdetr.detector.data.synth import generate_synthetic_coco
 
     summary = generate_synthetic_coco(
@@ -143,13 +154,17 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from sdetr.platform.train import train
-
     cfg = _load_config(args)
     if args.data is not None:
         cfg.data.root = str(args.data)
     if args.epochs is not None:
         cfg.optim.epochs = args.epochs
+    if args.workers is not None:
+        from sdetr.platform.ray_train import run_from_args
+
+        return run_from_args(args, cfg)
+    from sdetr.platform.train import train
+
     if args.output is not None:
         cfg.train.output_dir = str(args.output)
     elif cfg.train.output_dir == "runs/train":
