@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_distributed_args(train)
 
+    from sdetr.platform.cost_cli import add_cost_parser
+
+    add_cost_parser(sub)
     from sdetr.platform.doctor import add_doctor_arguments
 
     add_doctor_arguments(
@@ -174,6 +177,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cost(args) -> int:
+    from sdetr.platform.cost_cli import cmd_cost as run_cost
+
+    return run_cost(args)
+
+
 def cmd_doctor(args) -> int:
     from sdetr.platform.doctor import main_doctor
 
@@ -192,7 +201,13 @@ def user_message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"model": cmd_model, "data": cmd_data, "train": cmd_train, "doctor": cmd_doctor}
+    handlers = {
+        "model": cmd_model,
+        "data": cmd_data,
+        "train": cmd_train,
+        "cost": cmd_cost,
+        "doctor": cmd_doctor,
+    }
     try:
         return handlers[args.command](args)
     except SdetrError as exc:
