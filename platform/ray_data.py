@@ -2,8 +2,8 @@
 
 Per Ray Train worker, one epoch is::
 
-    read_parquet            Ray read tasks (READ_TASK_CPUS each): Arrow blocks of encoded image bytes
-                            and annotation lists, in file order (``preserve_order``)
+    read                    one Ray task per shard file (READ_TASK_CPUS each): Arrow blocks of encoded
+                            image bytes and annotation lists, in file order (``preserve_order``)
     streaming_split         done by Ray Train with `dataset_config()`: deterministic and disjoint
                             ``equal=True`` shards of "train"; "val" goes whole to every worker
     local shuffle           a seeded buffer (``seed + epoch``) inside the worker; batches of
@@ -25,14 +25,11 @@ are dealt out in order) and shuffled within a buffer of `DEFAULT_SHUFFLE_BUFFER`
 
 CPU budget (the resource trap): Ray Train reserves its workers' CPUs, and Ray Data's tasks only run
 on what is left. If the workers reserve every CPU, the read never starts and training hangs ("Cluster
-resources are not enough to run any task"). Here the per-epoch work outside the workers is only the
-read tasks, `READ_TASK_CPUS` each (they move bytes, no decode): leave `data_cpu_headroom()` CPUs
-unreserved, e.g. ``resources_per_worker={"CPU": worker_cpus(total, workers)}`` (2 CPUs and 2 workers
--> 0.75 each). `read_split` itself runs one short sampling task (1 CPU) when it is called: call it on
-the driver before ``fit()``, as Ray Train expects anyway. (Ray 2.60's default Parquet reader,
-"datasource V2", would instead need a whole free CPU at the start of every epoch for its ListFiles
-task: with 0.5 CPU free it hung; it is not used, see `read_split`.) The decoding runs inside each
-Train worker and is paid from that worker's own CPUs.
+resources are not enough to run any task"). The only work outside the workers is one read task per
+shard file and epoch, `READ_TASK_CPUS` each (bytes off disk, no decode; `read_split` explains why not
+``read_parquet``, whose tasks need a whole CPU): leave `data_cpu_headroom()` CPUs unreserved, e.g.
+``resources_per_worker={"CPU": worker_cpus(total, workers)}`` (2 CPUs and 2 workers -> 0.75 each).
+The decoding runs inside each Train worker and is paid from that worker's own CPUs.
 """
 
 from __future__ import annotations
@@ -137,11 +134,32 @@ def shard_files(path: str | Path, manifest: dict[str, Any], split: str) -> list[
     return [str(Path(path) / s["file"]) for s in manifest["splits"][split]["shards"] if s["rows"] > 0]
 
 
+def _shard_reader():
+    """The map_batches UDF of `read_split`: ``path`` rows -> the rows of those Parquet files.
+
+    Built as a closure so cloudpickle ships it by value: the read tasks then import only pyarrow,
+    not this module (and with it torch), which keeps their cold start and memory small.
+    """
+    columns = list(REQUIRED_COLUMNS)
+
+    def read(batch: dict[str, np.ndarray]) -> pa.Table:
+        return pa.concat_tables([pq.read_table(str(p), columns=columns) for p in batch["path"]])
+
+    return read
+
+
 def read_split(path: str | Path, split: str, *, max_images: int = 0) -> ray.data.Dataset:
     """A Ray Dataset of one split's rows (the Parquet columns, see shard.py), in image-id order.
 
     ``max_images`` > 0 keeps the first images by id (as `CocoDetection`'s ``max_images``). The
     dataset's own context has ``preserve_order`` set so `streaming_split` is deterministic.
+
+    Why not ``ray.data.read_parquet``: both of its Ray 2.60 implementations need a whole free CPU at
+    a moment the Train workers may hold them all. The default (datasource V2) runs a 1-CPU ListFiles
+    task at the start of every epoch (it hung with 0.5 CPU free, and cost ~1.4 s per epoch before the
+    first batch against ~0.1 s here); V1 runs 1-CPU sampling tasks when the dataset is created (it
+    hung when the dataset was made while actors held the CPUs). Here the driver only lists the files
+    from the manifest (no task), and each epoch one task of `READ_TASK_CPUS` per file reads it.
     """
     import ray.data
 
@@ -149,24 +167,9 @@ def read_split(path: str | Path, split: str, *, max_images: int = 0) -> ray.data
     files = shard_files(path, manifest, split)
     if not files:
         raise DataError(f"{path}: split {split!r} has no images")
-    ctx = ray.data.DataContext.get_current()
-    use_v2 = getattr(ctx, "use_datasource_v2", False)
-    # Ray 2.60's default Parquet reader (datasource V2) starts every epoch with a ListFiles task
-    # that asks for a whole CPU, and took ~1.4 s per epoch to the first batch here against ~0.1 s for
-    # the V1 reader (which samples the files once, now, on the driver). Choose V1 for this read only.
-    ctx.use_datasource_v2 = False
-    try:
-        ds = ray.data.read_parquet(
-            files,
-            columns=list(REQUIRED_COLUMNS),
-            num_cpus=READ_TASK_CPUS,
-            # Fixed, not derived from the cluster: the block layout (which the shuffle and the
-            # split see) is then the same on any cluster.
-            override_num_blocks=len(files),
-            partitioning=None,
-        )
-    finally:
-        ctx.use_datasource_v2 = use_v2
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        _shard_reader(), batch_size=1, batch_format="numpy", num_cpus=READ_TASK_CPUS
+    )
     if max_images > 0:
         ds = ds.limit(max_images)
     ds.context.execution_options.preserve_order = True
@@ -402,7 +405,7 @@ def iter_epoch(
     slices = 1 if train else max(world_size, 1)
     collate = DetrCollate(
         make_transforms(split, cfg.data),
-        seed=cfg.train.seed if train else None,  # val transforms draw no random numbers
+        seed=cfg.train.seed if train else None,  # val transforms are deterministic: no seeding, no lock
         epoch=epoch,
         skip_batches=skip_batches,
         rank=rank,
