@@ -191,6 +191,17 @@ class Config:
         return self
 
 
+def resolve_device(name: str = "auto"):
+    """``auto`` → the GPU when one is visible, else the CPU; asking for CUDA without one is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA GPU is visible; use cpu")
+    return torch.device(name)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 def _leaf_paths(cls: type = Config, prefix: str = "") -> list[str]:
     paths = []

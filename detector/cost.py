@@ -293,12 +293,6 @@ def measure_fps(
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def cost_of_preset(
     preset,
     overrides: list[str] | None = None,
@@ -316,6 +310,7 @@ def cost_of_preset(
     on CPU only batch 1 with a few iterations (its latency is what matters there).
     """
     from sdetr.detector import ops
+    from sdetr.detector.config import resolve_device
     from sdetr.detector.detr import build_model, count_parameters
     from sdetr.detector.errors import DataError
     from sdetr.detector.presets import get_preset

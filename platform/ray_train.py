@@ -32,7 +32,7 @@ from sdetr.detector.checkpoint import read_checkpoint, save_atomic
 from sdetr.detector.config import Config
 from sdetr.detector.errors import CheckpointError, ConfigError, DataError, SdetrError
 from sdetr.platform import tracking
-from sdetr.platform.train import RESUMABLE_CHANGES, config_differences
+from sdetr.platform.train import RESUMABLE_CHANGES, config_differences, seed_everything
 
 STATE_FILE = "state.pth"
 RUN_RECORD = "sdetr_run.json"
@@ -520,12 +520,6 @@ def _fit(cfg, opts, storage, data_path, cpus, steps, tracked, address):
 
 
 # -- worker --------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> dict[str, Any]:
     """This process's RNG states in types ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sdetr.detector.checkpoint import read_checkpoint, save_atomic
-from sdetr.detector.config import Config
+from sdetr.detector.config import Config, resolve_device
 from sdetr.detector.criterion import build_criterion
 from sdetr.detector.data import build_dataset, collate_fn
 from sdetr.detector.detr import build_model, count_parameters
@@ -32,14 +32,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}: no CUDA GPU is visible; use train.device=cpu")
-    return torch.device(name)
 
 
 def check_categories(dataset, num_classes: int, source: str) -> None:
