@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdetr.platform.cost_cli import add_cost_parser
 
     add_cost_parser(sub)
+    from sdetr.platform.sweep_cli import add_sweep_parsers
+
+    add_sweep_parsers(sub)
     from sdetr.platform.doctor import add_doctor_arguments
 
     add_doctor_arguments(
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "cost": cmd_cost,
         "doctor": cmd_doctor,
     }
+    if args.command not in handlers:
+        handlers[args.command] = args.func  # subcommands that carry their handler (sweep, pareto, eval)
     try:
         return handlers[args.command](args)
     except SdetrError as exc:

@@ -38,6 +38,7 @@ STATE_FILE = "state.pth"
 RUN_RECORD = "sdetr_run.json"
 CONFIG_FILE = "config.yaml"
 EVENTS_FILE = "events.jsonl"
+HISTORY_FILE = "history.json"
 WORKERS_DIR = "workers"
 SHARDS_DIR = "shards"
 DEFAULT_STORAGE = "runs"
@@ -73,6 +74,14 @@ class DistributedOptions:
     experiment: str = tracking.DEFAULT_EXPERIMENT
     # Workers append the image ids of every batch to workers/rank<r>.data.jsonl (tests, debugging).
     trace_data: bool = False
+    # CPUs kept free for Ray Data's reads (None: DATA_CPU_RESERVE); a sweep plans its own.
+    data_reserve: float | None = None
+    # Set by sweeps: Train callbacks (forwarding reports to Tune) and the trial's MLflow placement.
+    callbacks: list | None = None
+    mlflow_parent_run_id: str | None = None
+    mlflow_tags: dict[str, str] | None = None
+    mlflow_params: dict[str, Any] | None = None
+    mlflow_metrics: dict[str, float] | None = None  # logged once at step 0 when the run is created
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -232,7 +241,9 @@ class RunStorage:
 
 
 # -- checks before any worker starts ---------------------------------------------------------------
-def plan_cpus(workers: int, cpus_per_worker: float | None, total_cpus: float) -> float:
+def plan_cpus(
+    workers: int, cpus_per_worker: float | None, total_cpus: float, reserve: float | None = None
+) -> float:
     """CPUs per worker, leaving Ray Data's read tasks their headroom: Train workers that reserve every
     CPU starve them and the run hangs ("Cluster resources are not enough to run any task")."""
     from sdetr.platform.ray_data import data_cpu_headroom
@@ -241,7 +252,8 @@ def plan_cpus(workers: int, cpus_per_worker: float | None, total_cpus: float) ->
         raise ConfigError(f"--workers {workers}: need at least 1 worker")
     # At least one whole CPU: Ray Data's ListFiles step asks for a full CPU whatever the read tasks
     # ask for (a 0.5-CPU headroom hung in ListFiles on Ray 2.60).
-    reserve = min(max(DATA_CPU_RESERVE, data_cpu_headroom()), total_cpus / 2)
+    if reserve is None:
+        reserve = min(max(DATA_CPU_RESERVE, data_cpu_headroom()), total_cpus / 2)
     if cpus_per_worker is None and workers > total_cpus:
         raise ConfigError(
             f"--workers {workers}: the Ray cluster has {total_cpus:g} CPUs; use at most "
@@ -382,7 +394,7 @@ def run(cfg: Config, opts: DistributedOptions, log=print) -> dict[str, Any]:
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
     resources = cluster_resources(address)
     check_gpus(opts.workers, opts.gpus_per_worker, resources["GPU"])
-    cpus = plan_cpus(opts.workers, opts.cpus_per_worker, resources["CPU"])
+    cpus = plan_cpus(opts.workers, opts.cpus_per_worker, resources["CPU"], opts.data_reserve)
     data_path = prepare_data(cfg.data.root, storage, log)
     manifest = check_shards(data_path, ["train", "val"])
     max_id = num_categories_max_id(data_path)
@@ -391,7 +403,9 @@ def run(cfg: Config, opts: DistributedOptions, log=print) -> dict[str, Any]:
             f"{data_path}: category ids go up to {max_id} but model.num_classes is "
             f"{cfg.model.num_classes}; set model.num_classes={max_id + 1}"
         )
-    steps = steps_per_epoch(manifest, "train", opts.workers, cfg.optim.batch_size)
+    steps = steps_per_epoch(
+        manifest, "train", opts.workers, cfg.optim.batch_size, max_images=cfg.data.max_train_images
+    )
     if steps < 1:
         raise DataError(
             f"{data_path}: too few training images for one batch of {cfg.optim.batch_size} "
@@ -415,6 +429,7 @@ def run(cfg: Config, opts: DistributedOptions, log=print) -> dict[str, Any]:
         params.update(
             {"ray.workers": opts.workers, "ray.global_batch": global_batch, "ray.run_dir": storage.run_dir}
         )
+        params.update(opts.mlflow_params or {})
         previous = (record or {}).get("mlflow") or {}
         tracked = tracking.start_run(
             uri,
@@ -423,9 +438,16 @@ def run(cfg: Config, opts: DistributedOptions, log=print) -> dict[str, Any]:
             artifact_location=storage.artifact_location(),
             previous_run_id=previous.get("run_id") if previous.get("tracking_uri") == uri else None,
             params=params,
-            tags={"sdetr.run_dir": storage.run_dir, "sdetr.preset": cfg.preset},
+            tags={"sdetr.run_dir": storage.run_dir, "sdetr.preset": cfg.preset, **(opts.mlflow_tags or {})},
+            parent_run_id=opts.mlflow_parent_run_id,
+            # A run created just before the driver died, before its id reached the run record.
+            match_tags={"sdetr.run_dir": storage.run_dir},
             log=log,
         )
+        if opts.mlflow_metrics and not tracked.resumed:
+            logger = tracking.MetricLogger(uri, tracked.run_id)
+            logger.log(opts.mlflow_metrics, 0)
+            logger.flush()
     storage.write_text(CONFIG_FILE, cfg.to_yaml())
     storage.write_text(
         RUN_RECORD,
@@ -509,8 +531,12 @@ def _fit(cfg, opts, storage, data_path, cpus, steps, tracked, address):
             # The newest checkpoint is always kept; keeping at least two lets a torn newest one fall
             # back to the one before.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep if keep > 0 else None),
+            callbacks=list(opts.callbacks or []),
         ),
-        datasets={"train": read_split(data_path, "train"), "val": read_split(data_path, "val")},
+        datasets={
+            "train": read_split(data_path, "train", max_images=cfg.data.max_train_images),
+            "val": read_split(data_path, "val", max_images=cfg.data.max_val_images),
+        },
         dataset_config=dataset_config(),
     )
     try:
@@ -628,6 +654,7 @@ def _all_reduce_means(sums: dict[str, float], count: int, device) -> dict[str, f
 
 def train_func(config: dict[str, Any]) -> None:
     """One Ray Train worker: DDP training with exact, step-level resume."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -649,6 +676,7 @@ def train_func(config: dict[str, Any]) -> None:
         workers_dir = run_dir / WORKERS_DIR
         workers_dir.mkdir(parents=True, exist_ok=True)
         (workers_dir / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
+    node_id = ray.get_runtime_context().get_node_id()
     torch.set_num_threads(int(config.get("threads", 1)))
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -699,7 +727,7 @@ def train_func(config: dict[str, Any]) -> None:
         # Steps and epochs replayed since the last checkpoint were logged before the failure.
         logger.restore_floor(STEP_MARKER)
         logger.restore_floor(EPOCH_MARKER)
-    coco_gt = coco_ground_truth(config["data"], "val") if rank == 0 else None
+    coco_gt = coco_ground_truth(config["data"], "val", cfg.data.max_val_images) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     log_every = max(1, cfg.train.log_every_steps)
@@ -749,7 +777,13 @@ def train_func(config: dict[str, Any]) -> None:
                 folder / STATE_FILE,
             )
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        report = {"epoch": epoch, "batches_done": batches_done, "global_step": global_step, **metrics}
+        report = {
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "epoch_end": batches_done >= steps_per_epoch,
+            "global_step": global_step,
+            **metrics,
+        }
         ray.train.report(
             report, checkpoint=checkpoint, checkpoint_dir_name=dir_name, checkpoint_upload_mode=mode
         )
@@ -790,7 +824,13 @@ def train_func(config: dict[str, Any]) -> None:
         if workers_dir is not None:
             _write_json(
                 workers_dir / f"rank{rank}.json",
-                {"pid": os.getpid(), "epoch": current_epoch, "step": step, "global_step": global_step},
+                {
+                    "pid": os.getpid(),
+                    "node_id": node_id,
+                    "epoch": current_epoch,
+                    "step": step,
+                    "global_step": global_step,
+                },
             )
 
     while epoch < cfg.optim.epochs:
@@ -849,6 +889,9 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0:
             print(_format_record(record))
         save_and_report(epoch, steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
+        if rank == 0 and run_dir is not None:
+            # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun).
+            _write_json(run_dir / HISTORY_FILE, {"epochs": cfg.optim.epochs, "history": history})
         epoch, done = epoch + 1, 0
 
 

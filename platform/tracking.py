@@ -111,18 +111,38 @@ def start_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    match_tags: Mapping[str, str] | None = None,
     log=print,
 ) -> TrackedRun:
     """Continue ``previous_run_id`` when the store still has it, else create a new run.
 
+    Without ``previous_run_id``, a live run of the experiment carrying all of ``match_tags`` is
+    continued instead of creating a second one (its creator died before recording the id).
     Params are logged only when the run is created: MLflow refuses to change a logged param, and a
     resumed run may legitimately differ in fields such as the number of epochs.
     """
     with _store_lock(tracking_uri):
+        if not previous_run_id and match_tags:
+            previous_run_id = find_run(tracking_uri, experiment, match_tags)
         return _start_run(
             tracking_uri, run_name, experiment, artifact_location, previous_run_id, params, tags,
             parent_run_id, log,
         )  # fmt: skip
+
+
+def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
+    """The id of the newest active run of ``experiment`` whose tags include ``tags``, if any."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = " and ".join(
+        f"tags.`{k}` = '{str(v).replace(chr(39), chr(92) + chr(39))}'" for k, v in tags.items()
+    )
+    runs = c.search_runs(
+        [exp.experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return runs[0].info.run_id if runs else None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,443 @@
+"""Sweeps on Ray Tune: one Tune trial per config, each trial a Ray Train run (``sdetr sweep run``).
+
+The sweep driver (``run_sweep``) validates the sweep file against the cluster, shards the data once,
+creates the MLflow store, experiment and parent run once, then hands Tune a function trainable.
+Each trial's function (``trial_main``, the "trial driver") measures the model's cost, then runs the
+distributed trainer of ``ray_train`` with a callback that forwards rank 0's end-of-epoch reports,
+plus the cost, to Tune — so schedulers and searchers see AP and GFLOPs together.
+
+A sweep lives in ``<storage>/<name>``::
+
+    sweep.yaml, sweep.json      the validated spec, the MLflow parent run and the data actually used
+    trials/<trial_id>/          the trial's Ray Train run (checkpoints, history.json, sdetr_trial.json)
+    pareto/                     pareto.csv, pareto.png, pareto.html
+    (Tune's own experiment state and trial folders)
+
+Re-running or ``sdetr sweep resume`` restores the Tune experiment: finished trials are kept,
+unfinished and errored ones restart under the same trial id, so their Train runs resume from their
+checkpoints and keep their MLflow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sdetr.detector.errors import ConfigError
+from sdetr.platform import tracking
+from sdetr.platform.sweep_spec import OBJECTIVES, SweepSpec, plan_trials
+
+SPEC_FILE = "sweep.yaml"
+SWEEP_RECORD = "sweep.json"
+TRIALS_DIR = "trials"
+TRIAL_RECORD = "sdetr_trial.json"
+COST_FILE = "cost.json"
+DEFAULT_STORAGE = "runs"
+
+
+# -- trial side ------------------------------------------------------------------------------------
+def _epoch_report_callback(extra: dict[str, Any], epochs: int):
+    """A Train callback, run in the Train controller, that forwards end-of-epoch reports to Tune.
+
+    Mid-epoch checkpoint reports carry no AP: forwarding them would hand schedulers and searchers
+    results without their metric. ``epochs_done`` counts across attempts (Tune's own
+    ``training_iteration`` restarts when a trial is resumed), so ASHA uses it as its time.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            report = metrics[0]
+            if not report.get("epoch_end"):
+                return
+            done = int(report["epoch"]) + 1
+            merged = {**report, **extra, "epochs_done": done, "completed": done >= epochs}
+            super().after_report(run_context, [merged], checkpoint)
+
+    return EpochReportCallback()
+
+
+def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
+    """Parameters, GFLOPs (papers' convention) and speed of the trial's model, computed once per trial.
+
+    Known before training starts, so a trial's cost is in MLflow and Tune from its first report.
+    """
+    cached = folder / COST_FILE
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
+
+    res = cost_of_preset(
+        cfg,
+        input_hw=spec.cost_input or FIXED_INPUT_HW,
+        val_images=0 if spec.cost_input else spec.cost_val_images,
+        device="cuda" if spec.gpus_per_worker > 0 else "cpu",
+        fps=spec.cost_fps,
+    )
+    cost = {
+        "gflops": res["gflops"],
+        "gflops_all": res["gflops_all"],
+        "params": res["params_paper"],
+        "params_trainable": res["params_trainable"],
+        "fps": res["fps_b1"],
+        "fps_b4": res["fps_b4"],
+        "latency_ms": res["latency_ms"],
+        "cost_input": res["input"],
+        "cost_device": res["device"],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.tmp")
+    tmp.write_text(json.dumps(cost, indent=1))
+    os.replace(tmp, cached)
+    return cost
+
+
+def _last_history(folder: Path) -> tuple[int, list[dict[str, Any]]]:
+    from sdetr.platform.ray_train import HISTORY_FILE
+
+    path = folder / HISTORY_FILE
+    if not path.is_file():
+        return 0, []
+    data = json.loads(path.read_text())
+    return int(data.get("epochs", 0)), list(data.get("history", []))
+
+
+def trial_main(params: dict[str, Any], context: dict[str, Any]) -> None:
+    """One Tune trial: cost, then a Ray Train run named after the trial id (so a restart resumes it)."""
+    import torch
+    from ray import tune
+
+    from sdetr.platform import ray_train
+    from sdetr.platform.pareto import label_for
+
+    torch.set_num_threads(1)  # this process only waits on its Train workers (and counts FLOPs once)
+    spec: SweepSpec = context["spec"]
+    trial_id = tune.get_context().get_trial_id()
+    cfg = spec.trial_config(params)
+    cfg.data.root = context["data"]
+    folder = Path(context["sweep_dir"]) / TRIALS_DIR / trial_id
+    cost = trial_cost(cfg, spec, folder)
+    label = label_for(cfg.model.rho, cfg.model.backbone, cfg.preset)
+    extra = {**{k: v for k, v in cost.items() if isinstance(v, (int, float))}, "trial_label": label}
+    record = {
+        "trial_id": trial_id,
+        "params": params,
+        "label": label,
+        "preset": cfg.preset,
+        "backbone": cfg.model.backbone,
+        "rho": cfg.model.rho,
+        "epochs": cfg.optim.epochs,
+        "cost": cost,
+    }
+    ray_train._write_json(folder / TRIAL_RECORD, record)
+
+    epochs, history = _last_history(folder)
+    if history and len(history) >= cfg.optim.epochs:
+        # Trained to the end before the sweep driver died: report the final epoch without re-running.
+        last = history[-1]
+        tune.report({**last, **extra, "epochs_done": len(history), "completed": True})
+        return
+
+    mlflow = context.get("mlflow") or {}
+    opts = ray_train.DistributedOptions(
+        workers=spec.workers,
+        gpus_per_worker=spec.gpus_per_worker,
+        cpus_per_worker=context["cpus_per_worker"],
+        storage=str(Path(context["sweep_dir"]) / TRIALS_DIR),
+        name=trial_id,
+        address=None,
+        mlflow_uri=mlflow.get("tracking_uri") or "none",
+        max_failures=spec.max_failures,
+        checkpoint_every_steps=spec.checkpoint_every_steps,
+        experiment=spec.experiment,
+        data_reserve=context["data_reserve"],
+        callbacks=[_epoch_report_callback(extra, cfg.optim.epochs)],
+        mlflow_parent_run_id=mlflow.get("run_id"),
+        mlflow_tags={
+            "sdetr.sweep": spec.name,
+            "sdetr.trial_id": trial_id,
+            "sdetr.label": label,
+            "sdetr.ray_job_id": context.get("ray_job_id", ""),
+        },
+        mlflow_params={f"sweep.{k}": v for k, v in params.items()},
+        mlflow_metrics={f"cost/{k}": v for k, v in cost.items() if isinstance(v, (int, float))},
+    )
+    ray_train.run(cfg, opts)
+
+
+# -- driver side -----------------------------------------------------------------------------------
+def sweep_dir_of(storage: str | None, name: str) -> Path:
+    return Path(storage or DEFAULT_STORAGE).expanduser().resolve() / name
+
+
+def _cluster(address: str | None) -> dict[str, float]:
+    from sdetr.platform.ray_train import cluster_resources
+
+    return cluster_resources(address)
+
+
+def _same_spec(saved: dict[str, Any], spec: SweepSpec) -> list[str]:
+    now = spec.to_dict()
+    ignore = {"path", "storage", "max_concurrent", "max_failures"}
+    return sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+
+
+def run_sweep(
+    spec: SweepSpec,
+    storage: str | None = None,
+    name: str | None = None,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
+    resume: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Run (or continue) the sweep; returns {"sweep_dir", "trials": [...], "front": [...], "mlflow"}."""
+    import yaml
+
+    from sdetr.platform import ray_train
+    from sdetr.platform.ray_data import check_shards, data_cpu_headroom, num_categories_max_id
+
+    name = name or spec.name
+    if not name or "/" in name:
+        raise ConfigError(f"--name {name!r}: a sweep name is one non-empty path component")
+    storage = storage or spec.storage or DEFAULT_STORAGE
+    sweep_dir = sweep_dir_of(storage, name)
+    record_path = sweep_dir / SWEEP_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if record is not None:
+        saved = yaml.safe_load((sweep_dir / SPEC_FILE).read_text())
+        changed = _same_spec(saved, spec)
+        if changed:
+            raise ConfigError(
+                f"{sweep_dir}: holds a sweep with a different spec ({', '.join(changed[:5])} differ); "
+                f"choose another --name, or `sdetr sweep resume {name}` to continue the saved one"
+            )
+    elif resume:
+        raise ConfigError(f"{sweep_dir}: no sweep to resume there (no {SWEEP_RECORD})")
+
+    # Everything a user can get wrong, before a single trial starts.
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    cluster = _cluster(address)
+    headroom = data_cpu_headroom()
+    cpus_per_worker, concurrent = plan_trials(spec, cluster, headroom)
+    base = spec.trial_config({})
+    data_root = spec.data or base.data.root
+    if not ray_train.is_uri(data_root) and not Path(data_root).expanduser().exists():
+        raise ConfigError(f"{spec.where('data')}: data: {Path(data_root).expanduser().resolve()} not found")
+    run_storage = ray_train.RunStorage(str(sweep_dir.parent), name)
+    data_path = ray_train.prepare_data(data_root, run_storage, log)
+    check_shards(data_path, ["train", "val"])
+    max_id = num_categories_max_id(data_path)
+    for params in spec.grid_points() or [{}]:
+        num_classes = spec.trial_config(params).model.num_classes
+        if max_id >= num_classes:
+            raise ConfigError(
+                f"{spec.where('preset')}: {data_path} has category ids up to {max_id} but the trial "
+                f"{params or spec.preset} has model.num_classes={num_classes}; "
+                f"add set: {{model.num_classes: {max_id + 1}}}"
+            )
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(
+        mlflow_uri if mlflow_uri is not None else spec.mlflow_uri, sweep_dir.parent
+    )
+    tracked = None
+    job_id = os.environ.get("SDETR_RAY_JOB_ID", "")
+    if uri is not None:
+        previous = (record or {}).get("mlflow") or {}
+        tracked = tracking.start_run(
+            uri,
+            name,
+            experiment=spec.experiment,
+            artifact_location=run_storage.artifact_location(),
+            previous_run_id=previous.get("run_id") if previous.get("tracking_uri") == uri else None,
+            params=_parent_params(spec, cpus_per_worker, concurrent),
+            tags={
+                "sdetr.sweep": name,
+                "sdetr.sweep_dir": str(sweep_dir),
+                "sdetr.sweep_file": spec.path,
+                "sdetr.ray_job_id": job_id,
+                "sdetr.kind": "sweep",
+            },
+            match_tags={"sdetr.sweep_dir": str(sweep_dir)},
+            log=log,
+        )
+    (sweep_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    ray_train._write_json(
+        record_path,
+        {
+            "name": name,
+            "spec_file": spec.path,
+            "data": data_path,
+            "mlflow": tracked.to_dict() if tracked else None,
+            "experiment": spec.experiment,
+            "created": (record or {}).get("created", time.time()),
+            "status": "running",
+        },
+    )
+    log(
+        f"{'resuming' if record else 'starting'} sweep {sweep_dir}: {spec.num_trials()} trials "
+        f"({spec.algorithm}{', ASHA' if spec.scheduler == 'asha' else ''}), {concurrent} at a time, "
+        f"each {spec.workers} workers x {cpus_per_worker:g} CPU"
+        + (f" + {spec.gpus_per_worker:g} GPU" if spec.gpus_per_worker else "")
+    )
+    if tracked:
+        log(f"MLflow: {uri} (experiment {spec.experiment!r}, parent run {tracked.run_id})")
+
+    context = {
+        "spec": spec,
+        "sweep_dir": str(sweep_dir),
+        "data": data_path,
+        "cpus_per_worker": cpus_per_worker,
+        "data_reserve": headroom,
+        "mlflow": tracked.to_dict() if tracked else None,
+        "ray_job_id": job_id,
+    }
+    from sdetr.platform.sweep_results import record_states
+
+    status = "FAILED"
+    try:
+        grid = _tune(spec, sweep_dir, context, concurrent, address, restore=record is not None)
+        record_states(sweep_dir, grid)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        from sdetr.platform.sweep_results import finalize
+
+        summary = finalize(sweep_dir, log=log, final=status == "FINISHED")
+        if tracked is not None:
+            tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
+        record = json.loads(record_path.read_text())
+        record["status"] = status.lower()
+        ray_train._write_json(record_path, record)
+    return {"sweep_dir": str(sweep_dir), "mlflow": tracked.to_dict() if tracked else None, **summary}
+
+
+def _parent_params(spec: SweepSpec, cpus_per_worker: float, concurrent: int) -> dict[str, Any]:
+    params = {k: v for k, v in spec.to_dict().items() if k not in ("space", "overrides")}
+    params.update({f"set.{k}": v for k, v in spec.overrides.items()})
+    for d in spec.space:
+        params[f"space.{d.key}"] = (
+            d.values if d.kind == "grid" else f"{d.kind}({d.values or [d.low, d.high]})"
+        )
+    params.update(
+        {"cpus_per_worker": cpus_per_worker, "concurrent_trials": concurrent, "num_trials": spec.num_trials()}
+    )
+    return params
+
+
+def _search_alg(spec: SweepSpec):
+    if spec.algorithm == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.seed)
+    if spec.algorithm.startswith("optuna"):
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as exc:  # pragma: no cover - optuna is a dependency
+            raise ConfigError(
+                f"{spec.where('search.algorithm')}: {spec.algorithm} needs optuna ({exc})"
+            ) from None
+        if spec.algorithm == "optuna_multi":
+            return OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=spec.seed)
+        return OptunaSearch(metric="AP", mode="max", seed=spec.seed)
+    return None
+
+
+def _tune(
+    spec: SweepSpec, sweep_dir: Path, context: dict, concurrent: int, address: str | None, restore: bool
+):
+    import ray
+    from ray import tune
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    if not context["ray_job_id"]:
+        # Run directly rather than submitted: the Ray driver's job id identifies it on the dashboard.
+        context["ray_job_id"] = ray.get_runtime_context().get_job_id()
+        if context["mlflow"]:
+            mlflow = context["mlflow"]
+            tracking.set_tags(
+                tracking.client(mlflow["tracking_uri"]),
+                mlflow["run_id"],
+                {"sdetr.ray_job_id": context["ray_job_id"]},
+            )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_main, context=context),
+        {"CPU": context_cpu(), "GPU": 0},
+    )
+    path = str(sweep_dir)
+    if restore and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tuner.fit()
+    scheduler = None
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="epochs_done",
+            metric="AP",
+            mode="max",
+            max_t=spec.trial_config({}).optim.epochs,
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=spec.tune_space(),
+        tune_config=tune.TuneConfig(
+            search_alg=_search_alg(spec),
+            scheduler=scheduler,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name,
+            storage_path=str(sweep_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=max(spec.max_failures, 0)),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def context_cpu() -> float:
+    from sdetr.platform.sweep_spec import TRIAL_DRIVER_CPUS
+
+    return TRIAL_DRIVER_CPUS
+
+
+def resume_sweep(
+    name: str, storage: str | None = None, address: str | None = None, log=print
+) -> dict[str, Any]:
+    """``sdetr sweep resume NAME``: continue the saved spec of ``<storage>/<name>``."""
+    sweep_dir = sweep_dir_of(storage, name)
+    spec_path = sweep_dir / SPEC_FILE
+    if not spec_path.is_file():
+        raise ConfigError(f"{sweep_dir}: no sweep there (no {SPEC_FILE}); `sdetr sweep run FILE` starts one")
+    record = json.loads((sweep_dir / SWEEP_RECORD).read_text())
+    spec = load_saved_spec(spec_path)
+    uri = ((record.get("mlflow") or {}).get("tracking_uri")) or "none"
+    return run_sweep(spec, str(sweep_dir.parent), name, address=address, mlflow_uri=uri, resume=True, log=log)
+
+
+def load_saved_spec(path: Path) -> SweepSpec:
+    import yaml
+
+    from sdetr.platform.sweep_spec import Dimension
+
+    data = yaml.safe_load(path.read_text())
+    space = [Dimension(**d) for d in data.pop("space", [])]
+    cost_input = data.pop("cost_input", None)
+    spec = SweepSpec(**data, space=space)
+    spec.cost_input = tuple(cost_input) if cost_input else None
+    return spec

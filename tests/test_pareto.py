@@ -1,0 +1,324 @@
+"""Pareto front of a sweep: the dominance rule (ties, duplicates, missing values, any number of
+objectives), which trials may compete, and the CSV / PNG / HTML artifacts."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from html.parser import HTMLParser
+
+import pytest
+
+from sdetr.detector.errors import ConfigError, DataError
+from sdetr.platform import pareto
+from sdetr.platform.pareto import ParetoPoint, label_for, mark_front, pareto_mask
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _brute_force_front(points, objectives):
+    """The definition, written out independently: undominated among the points with every value."""
+
+    def ok(p):
+        return all(p.get(k) is not None and not math.isnan(p[k]) for k in objectives)
+
+    def better_eq(a, b, k):
+        return a[k] >= b[k] if objectives[k] == "max" else a[k] <= b[k]
+
+    def strictly(a, b, k):
+        return a[k] > b[k] if objectives[k] == "max" else a[k] < b[k]
+
+    out = []
+    for p in points:
+        if not ok(p):
+            out.append(False)
+            continue
+        dominated = any(
+            ok(q)
+            and all(better_eq(q, p, k) for k in objectives)
+            and any(strictly(q, p, k) for k in objectives)
+            for q in points
+        )
+        out.append(not dominated)
+    return out
+
+
+def test_tie_in_ap_keeps_only_the_cheaper_point():
+    pts = [{"AP": 40.0, "gflops": 120.0}, {"AP": 40.0, "gflops": 100.0}, {"AP": 45.0, "gflops": 170.0}]
+    assert pareto_mask(pts) == [False, True, True]
+    # The same tie in cost: the more accurate one wins.
+    assert pareto_mask([{"AP": 41.0, "gflops": 100.0}, {"AP": 40.0, "gflops": 100.0}]) == [True, False]
+
+
+def test_exact_duplicates_both_stay_unless_dominated():
+    pts = [{"AP": 40.0, "gflops": 100.0}, {"AP": 40.0, "gflops": 100.0}, {"AP": 30.0, "gflops": 150.0}]
+    assert pareto_mask(pts) == [True, True, False]
+    pts.append({"AP": 41.0, "gflops": 90.0})  # now dominates both duplicates
+    assert pareto_mask(pts) == [False, False, False, True]
+
+
+def test_single_point_and_no_points():
+    assert pareto_mask([{"AP": 1.0, "gflops": 2.0}]) == [True]
+    assert pareto_mask([]) == []
+    assert pareto_mask([{"AP": None, "gflops": 2.0}]) == [False]
+
+
+def test_missing_none_and_nan_never_on_the_front_and_never_dominate():
+    pts = [
+        {"AP": 50.0, "gflops": float("nan")},  # would dominate everything if NaN counted as a number
+        {"AP": float("nan"), "gflops": 1.0},
+        {"AP": None, "gflops": 1.0},
+        {"gflops": 1.0},  # AP missing altogether
+        {"AP": 30.0, "gflops": 100.0},
+        {"AP": 20.0, "gflops": 200.0},
+    ]
+    assert pareto_mask(pts) == [False, False, False, False, True, False]
+    with pytest.raises(DataError, match=r"point 1: objective 'AP' = 'high' is not a number"):
+        pareto_mask([{"AP": 1.0, "gflops": 1.0}, {"AP": "high", "gflops": 1.0}])
+
+
+def test_invalid_mode_and_no_objectives_are_config_errors():
+    with pytest.raises(ConfigError, match=r"objective 'gflops': mode 'minimize' must be 'max' or 'min'"):
+        pareto_mask([{"AP": 1.0, "gflops": 1.0}], {"AP": "max", "gflops": "minimize"})
+    with pytest.raises(ConfigError, match="objective 'AP'"):
+        pareto_mask([], {"AP": "MAX"})  # checked even without points: a typo must not pass silently
+    with pytest.raises(ConfigError, match="no objectives"):
+        pareto_mask([{"AP": 1.0}], {})
+    with pytest.raises(ConfigError, match="objective 'fps'"):
+        mark_front([ParetoPoint("a", 1.0, 1.0)], {"AP": "max", "fps": "up"})
+
+
+def test_three_mixed_objectives_match_brute_force_on_random_points():
+    rng = random.Random(1234)
+    objectives = {"AP": "max", "gflops": "min", "fps": "max"}
+    n_front_total = 0
+    for trial in range(40):
+        n = rng.randint(0, 30)
+        # A coarse grid makes ties and exact duplicates common; a few values go missing.
+        pts = []
+        for _ in range(n):
+            p = {
+                "AP": rng.randint(0, 5) * 1.0,
+                "gflops": rng.randint(0, 5) * 10.0,
+                "fps": rng.randint(0, 5) * 1.0,
+            }
+            if rng.random() < 0.1:
+                p[rng.choice(list(objectives))] = rng.choice([None, float("nan")])
+            pts.append(p)
+        got = pareto_mask(pts, objectives)
+        assert got == _brute_force_front(pts, objectives), f"random set {trial}"
+        n_front_total += sum(got)
+    assert n_front_total > 40  # the check exercised real fronts, not only empty ones
+    # And the 2-objective default agrees with the brute force on continuous values.
+    pts = [{"AP": rng.random(), "gflops": rng.random() * 200} for _ in range(60)]
+    assert pareto_mask(pts) == _brute_force_front(pts, pareto.OBJECTIVES_DEFAULT)
+
+
+def test_labels():
+    assert label_for(0.1, "resnet50") == "ρ=0.1 R50"
+    assert label_for(0.3, "swin_t") == "ρ=0.3 Swin-T"
+    assert label_for(0.30000000000000004, "resnet18") == "ρ=0.3 R18"
+    assert label_for(None, "resnet50", "r50_deformable_detr") == "deformable R50"
+    assert label_for(0.0, "resnet50", "r50_deformable_detr") == "deformable R50"
+    assert label_for(0, "swin_t", "swint_efficient_detr") == "efficient Swin-T"
+    assert (
+        label_for(None, "resnet50", "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage")
+        == "deformable+refine+two-stage R50"
+    )
+    assert label_for(None, "resnet18", "tiny_deformable_detr_plus_iterative_bbox_refinement") == (
+        "deformable+refine R18"
+    )
+    assert label_for(None, "resnet50") == "dense R50"
+    # An empty label is filled in.
+    assert ParetoPoint("", 40.0, 100.0, rho=0.2, backbone="resnet50").label == "ρ=0.2 R50"
+
+
+def test_point_coerces_numbers_and_rejects_bad_fields():
+    p = ParetoPoint("a", "0.41", "120.5", params="40900000", fps=float("nan"))
+    assert (p.AP, p.gflops, p.params, p.fps) == (0.41, 120.5, 40_900_000.0, None)
+    with pytest.raises(DataError, match=r"'a' \(trial t1\): status 'TERMINATED' is not one of completed"):
+        ParetoPoint("a", 1.0, 1.0, trial_id="t1", status="TERMINATED")
+    with pytest.raises(DataError, match="source 'sweep'"):
+        ParetoPoint("a", 1.0, 1.0, source="sweep")
+    with pytest.raises(DataError, match="gflops = 'lots' is not a number"):
+        ParetoPoint("a", 1.0, "lots")
+    with pytest.raises(DataError, match=r"extra keys \['AP'\] shadow"):
+        ParetoPoint("a", 1.0, 1.0, extra={"AP": 2.0})
+
+
+def test_mark_front_ignores_unfinished_trials_even_when_they_would_dominate():
+    pts = [
+        ParetoPoint("stopped", 60.0, 50.0, status="stopped_early"),  # dominates every completed point
+        ParetoPoint("failed", 70.0, 10.0, status="error"),
+        ParetoPoint("running", 80.0, 5.0, status="running"),
+        ParetoPoint("cheap", 40.0, 100.0),
+        ParetoPoint("accurate", 45.0, 170.0),
+        ParetoPoint("worse", 39.0, 120.0),
+        ParetoPoint("dyn", 41.0, 100.0, source="dynamic_rho", trial_id="t1"),  # a finished ρ: it competes
+    ]
+    pts[0].on_front = True  # stale flags are cleared
+    assert mark_front(pts) is pts
+    assert {p.label for p in pts if p.on_front} == {"accurate", "dyn"}
+    # Objectives can name extra fields too.
+    for p, mem in zip(pts, [1, 1, 1, 8.0, 9.0, 1.0, 7.0]):
+        p.extra["mem_gb"] = mem
+    mark_front(pts, {"AP": "max", "mem_gb": "min"})
+    assert {p.label for p in pts if p.on_front} == {"accurate", "dyn", "worse"}
+    assert mark_front([]) == []
+
+
+def _sample_points() -> list[ParetoPoint]:
+    pts = [
+        ParetoPoint(
+            "",
+            0.412,
+            121.0,
+            trial_id="t1",
+            run_id="r1",
+            backbone="resnet50",
+            rho=0.1,
+            fps=23.1,
+            params=40.9e6,
+        ),  # fmt: skip
+        ParetoPoint("", 0.45, 135.0, trial_id="t2", run_id="r2", backbone="resnet50", rho=0.3, fps=20.0),
+        ParetoPoint(
+            "",
+            0.46,
+            172.9,
+            trial_id="t3",
+            backbone="resnet50",
+            preset="r50_deformable_detr",
+            params=39.8e6,
+            extra={"lr": 0.0002, "epochs": 50},
+        ),  # fmt: skip
+        ParetoPoint("", 0.44, 177.3, trial_id="t4", backbone="resnet50", preset="r50_efficient_detr"),
+        ParetoPoint("", 0.50, 110.0, trial_id="t5", backbone="swin_t", rho=0.2, status="stopped_early"),
+        ParetoPoint("", 0.40, 115.0, trial_id="t2", backbone="resnet50", rho=0.1, source="dynamic_rho"),
+        ParetoPoint("", 0.43, 125.0, trial_id="t2", backbone="resnet50", rho=0.2, source="dynamic_rho"),
+        ParetoPoint('odd <b>"&', 0.3, 100.0, trial_id="t6", status="error"),
+        ParetoPoint("no AP yet", None, None, trial_id="t7", status="running"),
+    ]
+    return mark_front(pts)
+
+
+def test_format_table_puts_the_front_first_sorted_by_gflops():
+    assert "no trials" in pareto.format_table([])
+    assert "\n" not in pareto.format_table([])
+    pts = _sample_points()
+    text = pareto.format_table(pts)
+    lines = text.splitlines()
+    body = lines[2 : 2 + len(pts)]
+    starred = [ln for ln in body if ln.startswith("*")]
+    assert len(starred) == sum(p.on_front for p in pts) == 5
+    assert body[: len(starred)] == starred  # front members first...
+    gflops = [float(ln.split()[ln.split().index("R50") + 2]) for ln in starred]
+    assert gflops == sorted(gflops)  # ...by cost
+    assert "stopped_early" in text and "error" in text and "dynamic_rho" in text
+    assert "5 of 9 points on the Pareto front" in lines[-1]
+    assert "0.412" in text  # AP as a fraction keeps three decimals
+
+
+def test_csv_round_trip(tmp_path):
+    pts = _sample_points()
+    path = pareto.write_csv(pts, tmp_path / "sub" / "pareto.csv")
+    assert path == tmp_path / "sub" / "pareto.csv"
+    assert [f.name for f in (tmp_path / "sub").iterdir()] == ["pareto.csv"]  # no temporary file left
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        assert reader.fieldnames == [*pareto.CSV_COLUMNS, "epochs", "lr"]
+    assert len(rows) == len(pts)
+    by_key = {(r["trial_id"], r["source"], r["label"]): r for r in rows}
+    assert len(by_key) == len(pts)
+    for p in pts:
+        r = by_key[p.trial_id, p.source, p.label]
+        assert r["on_front"] == ("1" if p.on_front else "0")
+        for name in ("AP", "gflops", "fps", "params", "rho"):
+            value = getattr(p, name)
+            assert (r[name] == "") if value is None else (float(r[name]) == value), (p.label, name)
+        for name in ("backbone", "preset", "status", "source", "trial_id", "run_id"):
+            assert r[name] == getattr(p, name)
+    deformable = by_key["t3", "trial", "deformable R50"]
+    assert deformable["params"] == "39800000" and deformable["lr"] == "0.0002"
+    assert by_key["t1", "trial", "ρ=0.1 R50"]["lr"] == ""
+    assert [r["on_front"] for r in rows] == sorted((r["on_front"] for r in rows), reverse=True)
+
+    back = pareto.read_csv(path)
+    assert sorted((p.label, p.AP, p.gflops, p.on_front, p.status, p.source) for p in back) == sorted(
+        (p.label, p.AP, p.gflops, p.on_front, p.status, p.source) for p in pts
+    )
+    assert next(p for p in back if p.trial_id == "t3").extra == {"lr": "0.0002", "epochs": "50"}
+
+    pareto.write_csv([], tmp_path / "empty.csv")
+    assert (tmp_path / "empty.csv").read_text().strip() == ",".join(pareto.CSV_COLUMNS)
+
+
+def test_png_is_a_png(tmp_path):
+    path = pareto.plot_png(_sample_points(), tmp_path / "front.png", title="sweep <1>")
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert [f.name for f in tmp_path.iterdir()] == ["front.png"]
+    # Fractions and percent alike, a single point and no points at all still make an image.
+    for i, pts in enumerate([[ParetoPoint("only", 41.0, 120.0)], [], [ParetoPoint("no ap", None, 3.0)]]):
+        data = pareto.plot_png(mark_front(pts), tmp_path / f"p{i}.png").read_bytes()
+        assert data[:8] == PNG_MAGIC
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_is_self_contained_escaped_and_marks_the_front(tmp_path):
+    pts = _sample_points()
+    path = pareto.write_html(pts, tmp_path / "front.html", title="Sweep <A&B>")
+    page = path.read_text(encoding="utf-8")
+    assert [f.name for f in tmp_path.iterdir()] == ["front.html"]
+    assert page.startswith("<!DOCTYPE html>")
+    assert "http://" not in page and "https://" not in page
+    parsed = _Collect()
+    parsed.feed(page)
+    tags = [t for t, _ in parsed.tags]
+    assert "svg" in tags and "table" in tags and "script" in tags
+    assert not any(t == "link" or (t == "script" and a.get("src")) or (t == "img") for t, a in parsed.tags)
+    # Every label appears as escaped text (never as markup), in the plot and in the table.
+    assert "<b>" not in page and "odd &lt;b&gt;&quot;&amp;" in page
+    assert "Sweep &lt;A&amp;B&gt;" in page and "<A&B>" not in page
+    text = "".join(parsed.text)
+    for p in pts:
+        assert text.count(p.label) >= (2 if p.plottable() else 1), p.label
+    # Front members are marked, in the table rows and in the SVG points.
+    rows = [a for t, a in parsed.tags if t == "tr" and "data-idx" in a]
+    assert len(rows) == len(pts)
+    for a in rows:
+        p = pts[int(a["data-idx"])]
+        assert a["data-front"] == ("1" if p.on_front else "0")
+        assert ("front" in a["class"].split()) == p.on_front
+    marks = {a["id"]: a for t, a in parsed.tags if t == "g" and a.get("id", "").startswith("pt-")}
+    assert len(marks) == sum(p.plottable() for p in pts)  # the point without AP is only in the table
+    for key, a in marks.items():
+        assert a["data-front"] == ("1" if pts[int(key[3:])].on_front else "0")
+    # Hover tooltips carry every field.
+    assert "<title>deformable R50\non the Pareto front\nAP: 0.46\ngflops: 172.9" in page
+    assert "trial_id: t3" in page and "lr: 0.0002" in page and "run_id: r1" in page
+    assert page.count('class="front-line"') == 1 and page.count('class="dyn-line"') == 1
+
+
+def test_html_without_points_and_write_all(tmp_path):
+    page = pareto.write_html([], tmp_path / "e.html").read_text(encoding="utf-8")
+    assert "No trials" in page and "<svg" not in page
+    pts = _sample_points()
+    for p in pts:
+        p.on_front = False
+    out = pareto.write_all(pts, tmp_path / "arts", title="t")
+    assert sorted(out) == ["csv", "html", "png"] and all(p.is_file() for p in out.values())
+    assert sum(p.on_front for p in pts) == 5  # write_all marks the front itself

@@ -1,0 +1,187 @@
+"""A real sweep on a local Ray: killed mid-sweep, resumed, and checked in MLflow and on disk.
+
+The driver is killed with SIGKILL once a trial has checkpointed an epoch; `sdetr sweep resume` must
+finish every trial (the interrupted ones from their checkpoints), and MLflow must hold exactly one
+parent run and one child run per trial, with per-epoch metrics (no epoch twice), cost metrics, the
+``pareto_optimal`` tag and the front's CSV/PNG/HTML on the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from sdetr.detector.data.synth import generate_synthetic_coco
+from sdetr.platform import tracking
+from sdetr.platform.pareto import pareto_mask
+from sdetr.platform.shard import shard_coco
+
+pytestmark = pytest.mark.slow
+EXPERIMENT = "test-sweeps"
+RHOS = [0.1, 0.3, 0.5]
+
+
+def sweep_yaml(data: Path, name: str, extra: str = "") -> str:
+    """Three tiny trials, 2 epochs of 8 steps each (16 images, batch 2, one worker)."""
+    return (
+        textwrap.dedent(
+            f"""\
+        name: {name}
+        preset: tiny_sparse_detr_rho_0.1
+        set:
+          optim.batch_size: 2
+          optim.lr_drop: 100
+          data.train_scales: [128]
+          data.random_crop: false
+          data.val_scale: 128
+          train.progress: false
+          train.log_every_steps: 2
+        space:
+          model.rho: {RHOS}
+        resources: {{workers: 1, cpus_per_worker: 0.5, max_concurrent: 2}}
+        epochs: 2
+        data: {data}
+        mlflow: {{experiment: {EXPERIMENT}}}
+        cost: {{input: [128, 160], fps: false}}
+        """
+        )
+        + extra
+    )
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweepdata")
+    generate_synthetic_coco(root / "coco", n_train=16, n_val=4, seed=3, min_size=96, max_size=128)
+    shard_coco(root / "coco", root / "shards", shard_size=8, progress=False)
+    return root / "shards"
+
+
+def sdetr(*argv: str, **kw) -> list[str]:
+    return [sys.executable, "-m", "sdetr.platform.cli", *argv]
+
+
+def wait_for(
+    predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(
+                f"the sweep exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}"
+            )
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}" + (f":\n{log.read_text()[-4000:]}" if log else ""))
+
+
+def epochs_done(sweep_dir: Path) -> dict[str, int]:
+    out = {}
+    for f in (sweep_dir / "trials").glob("*/history.json"):
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            out[f.parent.name] = len(json.loads(f.read_text())["history"])
+    return out
+
+
+def test_sweep_killed_then_resumed(shards, tmp_path):
+    storage = tmp_path / "runs"
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(sweep_yaml(shards, "kill"))
+    sweep_dir = storage / "kill"
+    log = tmp_path / "run.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            sdetr("sweep", "run", str(spec), "--storage", str(storage)),
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        # Kill once some trial has a checkpointed epoch and has not finished: mid-sweep, mid-trial.
+        wait_for(lambda: 1 in epochs_done(sweep_dir).values(), 420, "a trial's first epoch", proc, log)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        # The driver's local Ray cluster shares its session: take it down as a lost machine would be.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = epochs_done(sweep_dir)
+    assert sum(before.values()) < 2 * len(RHOS), f"the sweep had finished before it was killed: {before}"
+
+    status = subprocess.run(
+        sdetr("sweep", "status", "kill", "--storage", str(storage)), capture_output=True, text=True
+    )
+    assert status.returncode == 0 and "trials completed" in status.stdout, status.stderr
+
+    resumed = subprocess.run(
+        sdetr("sweep", "resume", "kill", "--storage", str(storage)),
+        capture_output=True, text=True, env=env, timeout=600, start_new_session=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (
+        epochs_done(sweep_dir) == {t: 2 for t in epochs_done(sweep_dir)} and len(epochs_done(sweep_dir)) == 3
+    )
+
+    # The trial interrupted mid-way continued from its checkpoint instead of starting again.
+    interrupted = [t for t, n in before.items() if n == 1]
+    for trial in interrupted:
+        events = [
+            json.loads(line)
+            for line in (sweep_dir / "trials" / trial / "events.jsonl").read_text().splitlines()
+        ]
+        assert [e["event"] for e in events].count("start") == 1, events
+        assert any(e["event"] == "resume" and e["epoch"] >= 1 for e in events), events
+
+    # MLflow: one parent, one child per trial, every metric once per epoch.
+    client = tracking.client(tracking.sqlite_uri(storage / "mlflow.db"))
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("sdetr.kind") == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1 == 3
+    trial_ids = {r.data.tags["sdetr.trial_id"] for r in children}
+    assert trial_ids == set(epochs_done(sweep_dir))
+    gflops = {}
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "val/AP")
+        assert sorted(m.step for m in history) == [0, 1], history
+        cost = json.loads((sweep_dir / "trials" / run.data.tags["sdetr.trial_id"] / "cost.json").read_text())
+        assert run.data.metrics["cost/gflops"] == pytest.approx(cost["gflops"])
+        assert len(client.get_metric_history(run.info.run_id, "cost/gflops")) == 1
+        assert float(run.data.params["model.rho"]) == float(run.data.params["sweep.model.rho"])
+        assert run.data.tags["pareto_optimal"] in ("true", "false")
+        gflops[float(run.data.params["model.rho"])] = cost["gflops"]
+    assert gflops[0.1] < gflops[0.3] < gflops[0.5]
+
+    # The front marked in MLflow is the front of the (AP, GFLOPs) points.
+    points = [
+        {"AP": r.data.metrics["val/AP"], "gflops": r.data.metrics["cost/gflops"], "id": r.info.run_id}
+        for r in children
+    ]
+    expected = {p["id"] for p, on in zip(points, pareto_mask(points)) if on}
+    assert {r.info.run_id for r in children if r.data.tags["pareto_optimal"] == "true"} == expected
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
+    assert artifacts == {"pareto/pareto.csv", "pareto/pareto.png", "pareto/pareto.html"}
+    csv = (sweep_dir / "pareto" / "pareto.csv").read_text()
+    assert csv.count("\n") == 1 + 3
+
+    # Re-running the same file on the finished sweep changes nothing.
+    again = subprocess.run(
+        sdetr("sweep", "run", str(spec), "--storage", str(storage)),
+        capture_output=True, text=True, env=env, timeout=300, start_new_session=True,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(client.search_runs([exp.experiment_id], max_results=100)) == 4
+    assert epochs_done(sweep_dir) == {t: 2 for t in trial_ids}

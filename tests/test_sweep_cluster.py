@@ -1,0 +1,155 @@
+"""`sdetr sweep submit` to a real 2-node Ray cluster on localhost, tracked by a real MLflow server.
+
+`ray start --head` plus a second `ray start --address` make the cluster (token authentication on, as
+Ray's default for local clusters); `mlflow server` runs on a SQLite backend. The sweep's one trial
+has two Train workers of 1.5 CPUs each, which only fit one per node: the trial spans both nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sdetr.platform import tracking
+
+from .test_sweep import sweep_yaml
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}")
+        time.sleep(1)
+    raise AssertionError(f"{url} did not come up in {timeout:.0f} s")
+
+
+@pytest.fixture
+def env():
+    # The job's entry point runs `python` from the PATH of the `ray start` that launched the head.
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, env):
+    port = free_port()
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--artifacts-destination", str(tmp_path / "server" / "art")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def two_node_cluster(env, tmp_path):
+    ray = str(BIN / "ray")
+    port, dashboard = free_port(), free_port()
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+    subprocess.run(
+        [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        subprocess.run(
+            [ray, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+             "--num-cpus", "2", "--disable-usage-stats"],
+            env=env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_submit_to_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, env):
+    gcs, dashboard = two_node_cluster
+    server, server_proc = mlflow_server
+    import ray
+
+    ray.init(address=gcs)
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2 and sum(n["Resources"].get("CPU", 0) for n in nodes) == 4
+    finally:
+        ray.shutdown()
+    wait_http(f"{server}/health", 90, server_proc)
+
+    from sdetr.detector.data.synth import generate_synthetic_coco
+    from sdetr.platform.shard import shard_coco
+
+    generate_synthetic_coco(tmp_path / "coco", n_train=16, n_val=4, seed=5, min_size=96, max_size=128)
+    shard_coco(tmp_path / "coco", tmp_path / "shards", shard_size=8, progress=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    text = (
+        sweep_yaml(tmp_path / "shards", "remote")
+        .replace("[0.1, 0.3, 0.5]", "[0.2]")
+        .replace("epochs: 2", "epochs: 1")
+    )
+    text = text.replace(
+        "{workers: 1, cpus_per_worker: 0.5, max_concurrent: 2}", "{workers: 2, cpus_per_worker: 1.5}"
+    )
+    (work / "remote.yaml").write_text(text)
+    storage = tmp_path / "shared-runs"
+    proc = subprocess.run(
+        [str(BIN / "sdetr"), "sweep", "submit", "remote.yaml", "--address", dashboard,
+         "--storage", str(storage), "--mlflow-uri", server, "--wait"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    job_id = next(line.split()[2] for line in proc.stdout.splitlines() if line.startswith("submitted job"))
+    assert f"job {job_id}: SUCCEEDED" in proc.stdout
+
+    client = tracking.client(server)
+    exp = client.get_experiment_by_name("test-sweeps")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("sdetr.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parent) == 1 and len(children) == 1 and len(runs) == 2
+    child = children[0]
+    assert child.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert child.data.tags["sdetr.ray_job_id"] == parent[0].data.tags["sdetr.ray_job_id"] == job_id
+    assert child.data.params["ray.workers"] == "2"
+    assert "val/AP" in child.data.metrics and "cost/gflops" in child.data.metrics
+    assert child.data.tags["pareto_optimal"] == "true"
+    # Two ranks, one on each node.
+    trial_dir = next((storage / "remote" / "trials").iterdir())
+    ranks = [json.loads((trial_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["node_id"] != ranks[1]["node_id"]
+    shutil.rmtree(storage, ignore_errors=True)
