@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdetr.platform.sweep_cli import add_sweep_parsers
 
     add_sweep_parsers(sub)
+    from sdetr.platform.eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
     from sdetr.platform.doctor import add_doctor_arguments
 
     add_doctor_arguments(

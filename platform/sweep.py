@@ -298,6 +298,11 @@ def run_sweep(
     }
     from sdetr.platform.sweep_results import record_states
 
+    if job_id:
+        # A submitted job runs in its unpacked working_dir, which Ray's runtime-env agents may garbage-
+        # collect mid-run (seen with two nodes on one machine); Tune's last steps need a valid cwd.
+        # Every path is absolute by now.
+        os.chdir(sweep_dir)
     status = "FAILED"
     try:
         grid = _tune(spec, sweep_dir, context, concurrent, address, restore=record is not None)

@@ -12,6 +12,7 @@ from pathlib import Path
 from sdetr.detector.errors import ConfigError
 
 # Never shipped to a cluster with a job: environments, data, outputs, caches.
+DEFAULT_TOKEN = Path("~/.ray/auth_token").expanduser()
 SUBMIT_EXCLUDES = [
     ".venv",
     "runs",
@@ -153,13 +154,22 @@ def cmd_sweep_submit(args) -> int:
         if not args.token_file.is_file():
             raise ConfigError(f"--token-file {args.token_file}: not found")
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(args.token_file.resolve())
+    if any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or DEFAULT_TOKEN.is_file():
+        # Clusters started by `ray start` use token authentication by default, but clients only send
+        # the token in token mode.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:
         client = JobSubmissionClient(args.address)
     except Exception as exc:  # connection refused, auth, bad URL: all a user's to fix
-        raise ConfigError(f"cannot reach the Ray Jobs API at {args.address}: {exc}") from None
+        hint = ""
+        if "token" in str(exc).lower():
+            hint = " (give the cluster's token with --token-file, or set RAY_AUTH_TOKEN)"
+        raise ConfigError(
+            f"cannot reach the Ray Jobs API at {args.address}: {str(exc)[:300]}{hint}"
+        ) from None
     job_id = f"sdetr-sweep-{args.name or spec.name}-{uuid.uuid4().hex[:8]}"
     entry = ["python", "-m", "sdetr.platform.cli", "sweep", "run", str(rel), "--storage", storage]
     if args.name:

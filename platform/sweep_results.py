@@ -98,6 +98,7 @@ def collect_points(sweep_dir: Path) -> list:
                     preset=row["preset"],
                     backbone=row["backbone"],
                     rho=p["rho"],
+                    params=cost.get("params"),  # the same model; only the kept tokens differ
                     status="completed",
                     source="dynamic_rho",
                     extra={"trained_rho": row["rho"]},

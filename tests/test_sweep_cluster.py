@@ -51,7 +51,13 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 @pytest.fixture
 def env():
     # The job's entry point runs `python` from the PATH of the `ray start` that launched the head.
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Clients and joining nodes send the cluster's token (~/.ray/auth_token) only in token mode.
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+    }
 
 
 @pytest.fixture
@@ -99,14 +105,15 @@ def two_node_cluster(env, tmp_path):
 def test_submit_to_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, env):
     gcs, dashboard = two_node_cluster
     server, server_proc = mlflow_server
-    import ray
-
-    ray.init(address=gcs)
-    try:
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        assert len(nodes) == 2 and sum(n["Resources"].get("CPU", 0) for n in nodes) == 4
-    finally:
-        ray.shutdown()
+    # In a fresh process: this one may hold another Ray session from earlier tests.
+    probe = (
+        "import ray, json; ray.init(address='%s'); "
+        "print(json.dumps([n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe % gcs], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2.0, 2.0], out.stderr[-2000:]
     wait_http(f"{server}/health", 90, server_proc)
 
     from sdetr.detector.data.synth import generate_synthetic_coco
