@@ -54,6 +54,22 @@ class ModelConfig:
     # Encoder token keeping ratio; 0 disables sparsification (dense Deformable DETR encoder).
     rho: float = 0.0
     use_enc_aux_loss: bool = False
+    # The detector family: deformable_detr (Deformable / Efficient / Sparse / Lite DETR: everything
+    # above), detr (DETR: C5 only, dense 6+6 transformer, softmax classes with a no-object column) or
+    # faster_rcnn (torchvision's Faster R-CNN + FPN; uses backbone, backbone_*, hidden_dim as the FPN
+    # width and num_classes).
+    arch: str = "deformable_detr"
+    # Deformable DETR's encoder: deformable (every token updated in every layer) or lite (Lite DETR's
+    # interleaved encoder: `lite_layout` sets its shape and enc_layers is not used).
+    encoder: str = "deformable"
+    # Lite DETR's name for the interleaved layout: H<high levels>L<low levels>-(<A>+1)x<K>: K blocks, each
+    # updating the high-level (coarsest) tokens A times, then the low-level (finest) tokens once.
+    lite_layout: str = "H3L1-(3+1)x2"
+    # Key-aware deformable attention in the lite encoder (attention weights from q·k of sampled keys
+    # instead of a linear layer on the query).
+    use_kda: bool = False
+    # Hidden width of the low-level tokens' feed-forward layer in the lite encoder (0 = dim_feedforward).
+    lite_low_ffn_dim: int = 0
 
 
 @dataclass
@@ -70,6 +86,8 @@ class LossConfig:
     mask_prediction_coef: float = 1.0
     # Multiplier on every encoder auxiliary loss term (1.0 = the official setting).
     enc_aux_loss_coef: float = 1.0
+    # DETR (arch=detr) only: weight of the no-object class in the cross-entropy classification loss.
+    eos_coef: float = 0.1
 
 
 @dataclass

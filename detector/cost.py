@@ -108,7 +108,8 @@ class FlopReport:
     by_part: papers' convention per disjoint part of the detector, summing to ``total``: backbone,
     input_proj, encoder (its layers), enc_aux_heads (Sparse DETR's encoder auxiliary heads, which the
     model also runs in eval mode), decoder (with its box-refinement heads), transformer_other (two-stage
-    proposals, scoring network, query init) and heads (everything else: the detection heads).
+    proposals, scoring network, query init) and heads (everything else: the detection heads). Faster
+    R-CNN: backbone (with the FPN), rpn, roi_heads, heads (the rest, ~0).
     """
 
     total: float
@@ -156,13 +157,16 @@ def _hooked_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
     t = getattr(model, "transformer", None)
     enc = getattr(t, "encoder", None)
     aux = [*enc.class_embed, *enc.bbox_embed] if getattr(enc, "aux_heads", False) else []
+    proj = getattr(model, "input_proj", None)  # one conv per level, or DETR's single conv
     found = {
         "backbone": [getattr(model, "backbone", None)],
-        "input_proj": list(getattr(model, "input_proj", [])),
+        "input_proj": list(proj) if isinstance(proj, nn.ModuleList) else [proj],
         "encoder": [enc],
         "enc_aux_heads": aux,
         "decoder": [getattr(t, "decoder", None)],
         "transformer": [t],
+        "rpn": [getattr(model, "rpn", None)],
+        "roi_heads": [getattr(model, "roi_heads", None)],
     }
     return {k: [m for m in v if m is not None] for k, v in found.items() if any(m is not None for m in v)}
 
@@ -175,7 +179,17 @@ def _disjoint_parts(nested: dict[str, float], total: float) -> dict[str, float]:
         inner = sum(parts.get(k, 0.0) for k in ("encoder", "enc_aux_heads", "decoder"))
         parts["transformer_other"] = parts.pop("transformer") - inner
     parts["heads"] = total - sum(parts.values())
-    order = ("backbone", "input_proj", "encoder", "enc_aux_heads", "decoder", "transformer_other", "heads")
+    order = (
+        "backbone",
+        "input_proj",
+        "encoder",
+        "enc_aux_heads",
+        "decoder",
+        "transformer_other",
+        "rpn",
+        "roi_heads",
+        "heads",
+    )
     return {k: parts[k] for k in order if k in parts}
 
 
@@ -324,6 +338,8 @@ def cost_of_preset(
     model = build_model(cfg.model).to(dev).eval()
     result = {
         "preset": cfg.preset,
+        "arch": cfg.model.arch,
+        "encoder": cfg.model.encoder if cfg.model.arch == "deformable_detr" else None,
         "backbone": cfg.model.backbone,
         "rho": cfg.model.rho,
         "params_trainable": count_parameters(model, trainable_only=True),
@@ -355,6 +371,8 @@ def cost_of_preset(
         gflops=flops.gflops,
         gflops_all=flops.gflops_all,
         gflops_without_enc_aux_heads=flops.gflops_without_enc_aux_heads,
+        # The transformer encoder alone (None for Faster R-CNN): Lite DETR's claim is about this.
+        gflops_encoder=flops.by_part["encoder"] / 1e9 if "encoder" in flops.by_part else None,
         gflops_by_part={k: v / 1e9 for k, v in flops.by_part.items()},
         gflops_by_op={k: v / 1e9 for k, v in flops.by_op.items()},
         input=f"3x{input_hw[0]}x{input_hw[1]}" if val_images == 0 else f"val[:{val_images}]",

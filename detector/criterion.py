@@ -271,7 +271,18 @@ def build_weight_dict(model_cfg: ModelConfig, loss_cfg: LossConfig) -> dict[str,
     return weights
 
 
-def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> SetCriterion:
+def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> nn.Module:
+    """The criterion of ``model_cfg.arch``: this module's `SetCriterion` for the Deformable DETR family,
+    DETR's softmax criterion, or the pass-through of Faster R-CNN's own losses. Each has
+    ``criterion(outputs, targets) -> loss dict`` and ``weighted_total(loss_dict)``."""
+    if model_cfg.arch == "detr":
+        from sdetr.detector.detr_criterion import build_detr_criterion
+
+        return build_detr_criterion(model_cfg, loss_cfg)
+    if model_cfg.arch == "faster_rcnn":
+        from sdetr.detector.faster_rcnn import ModelLossCriterion
+
+        return ModelLossCriterion()
     losses = ["labels", "boxes", "cardinality", "corr"]
     if model_cfg.rho > 0:
         losses.append("mask_prediction")

@@ -1,7 +1,9 @@
 """The detector: backbone → input projections → deformable transformer → detection heads.
 
 One class covers Deformable DETR (± box refinement, ± two-stage), Efficient DETR (top-k queries,
-class-specific proposal head) and Sparse DETR (ρ, scoring network, encoder auxiliary heads). Head
+class-specific proposal head), Sparse DETR (ρ, scoring network, encoder auxiliary heads) and Lite DETR
+(the interleaved encoder of lite_encoder.py). `build_model` also builds the baselines of other
+families (``model.arch``): DETR (detr_baseline.py) and Faster R-CNN + FPN (faster_rcnn.py). Head
 lists and their aliases under `transformer.decoder` / `transformer.encoder` are laid out exactly as in
 the official code, so official checkpoints load with ``strict=True``.
 """
@@ -19,7 +21,11 @@ from sdetr.detector.backbone import build_backbone
 from sdetr.detector.config import ModelConfig
 from sdetr.detector.decoder import inverse_sigmoid
 from sdetr.detector.errors import ConfigError
+from sdetr.detector.lite_encoder import LiteEncoder, parse_lite_layout
 from sdetr.detector.transformer import DeformableTransformer
+
+ARCHS = ("deformable_detr", "detr", "faster_rcnn")
+ENCODERS = ("deformable", "lite")
 
 
 class MLP(nn.Module):
@@ -195,6 +201,41 @@ def validate_model_config(cfg: ModelConfig) -> None:
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"model config: {msg}")
 
+    if cfg.arch not in ARCHS:
+        raise bad(f"arch {cfg.arch!r} is not one of {', '.join(ARCHS)}")
+    if cfg.encoder not in ENCODERS:
+        raise bad(f"encoder {cfg.encoder!r} is not one of {', '.join(ENCODERS)}")
+    if cfg.arch != "deformable_detr":
+        # The Deformable DETR family's options mean nothing to DETR and Faster R-CNN: refuse them.
+        flags = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
+        for flag in (*flags, "use_kda"):
+            if getattr(cfg, flag):
+                raise bad(f"{flag}=true applies to arch=deformable_detr only (arch is {cfg.arch})")
+        if cfg.rho > 0 or cfg.encoder != "deformable":
+            raise bad(f"rho and encoder=lite apply to arch=deformable_detr only (arch is {cfg.arch})")
+        if cfg.hidden_dim < 1 or cfg.num_classes < 1 or cfg.num_queries < 1:
+            raise bad("hidden_dim, num_classes and num_queries must be >= 1")
+        if cfg.arch == "detr":
+            if cfg.hidden_dim % cfg.nheads != 0:
+                raise bad(f"hidden_dim ({cfg.hidden_dim}) must be divisible by nheads ({cfg.nheads})")
+            if cfg.enc_layers < 0 or cfg.dec_layers < 1:
+                raise bad("DETR needs enc_layers >= 0 and dec_layers >= 1")
+        elif not cfg.backbone.startswith("resnet") or cfg.dilation:
+            raise bad(f"arch=faster_rcnn needs an undilated ResNet backbone, got {cfg.backbone}")
+        return
+    if cfg.encoder == "lite":
+        layout = parse_lite_layout(cfg.lite_layout)
+        if layout.num_levels != cfg.num_feature_levels:
+            raise bad(
+                f"lite_layout {cfg.lite_layout} uses {layout.num_levels} levels (H + L) but "
+                f"num_feature_levels is {cfg.num_feature_levels}"
+            )
+        if cfg.rho > 0 or cfg.use_enc_aux_loss:
+            raise bad("encoder=lite does not combine with Sparse DETR's rho > 0 or use_enc_aux_loss")
+        if cfg.lite_low_ffn_dim < 0:
+            raise bad(f"lite_low_ffn_dim must be >= 0 (0 = dim_feedforward), got {cfg.lite_low_ffn_dim}")
+    elif cfg.use_kda:
+        raise bad("use_kda=true needs encoder=lite (key-aware attention is part of the Lite DETR encoder)")
     if not 0.0 <= cfg.rho <= 1.0:
         raise bad(f"rho must be in [0, 1] (0 = dense encoder), got {cfg.rho}")
     if cfg.rho > 0 and not cfg.two_stage:
@@ -219,9 +260,33 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise bad("num_classes and num_queries must be >= 1")
 
 
-def build_model(cfg: ModelConfig) -> SparseDETR:
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The detector ``cfg`` describes. Every arch is called as ``model(images, masks)``; see
+    `SparseDETR.forward`, `sdetr.detector.detr_baseline.DETR` and `sdetr.detector.faster_rcnn`."""
     validate_model_config(cfg)
+    if cfg.arch == "detr":
+        from sdetr.detector.detr_baseline import build_detr
+
+        return build_detr(cfg)
+    if cfg.arch == "faster_rcnn":
+        from sdetr.detector.faster_rcnn import build_faster_rcnn
+
+        return build_faster_rcnn(cfg)
     backbone = build_backbone(cfg)
+    encoder = None
+    if cfg.encoder == "lite":
+        encoder = LiteEncoder(
+            cfg.lite_layout,
+            d_model=cfg.hidden_dim,
+            d_ffn=cfg.dim_feedforward,
+            dropout=cfg.dropout,
+            activation="relu",
+            n_levels=cfg.num_feature_levels,
+            n_heads=cfg.nheads,
+            n_points=cfg.enc_n_points,
+            use_kda=cfg.use_kda,
+            low_ffn_dim=cfg.lite_low_ffn_dim,
+        )
     transformer = DeformableTransformer(
         d_model=cfg.hidden_dim,
         nhead=cfg.nheads,
@@ -239,6 +304,7 @@ def build_model(cfg: ModelConfig) -> SparseDETR:
         eff_specific_head=cfg.eff_specific_head,
         rho=cfg.rho,
         use_enc_aux_loss=cfg.use_enc_aux_loss,
+        encoder=encoder,
     )
     return SparseDETR(
         backbone,
@@ -254,13 +320,14 @@ def build_model(cfg: ModelConfig) -> SparseDETR:
 
 
 def count_parameters(
-    model: SparseDETR, trainable_only: bool = True, include_enc_aux_heads: bool = True
+    model: nn.Module, trainable_only: bool = True, include_enc_aux_heads: bool = True
 ) -> int:
     """Unique parameters (shared heads counted once). The papers count Sparse DETR without the encoder
-    auxiliary heads, which are only used for training."""
+    auxiliary heads, which are only used for training. Works for every arch."""
     skip: set[int] = set()
-    if not include_enc_aux_heads and model.transformer.encoder.aux_heads:
-        for lst in (model.transformer.encoder.class_embed, model.transformer.encoder.bbox_embed):
+    encoder = getattr(getattr(model, "transformer", None), "encoder", None)
+    if not include_enc_aux_heads and getattr(encoder, "aux_heads", False):
+        for lst in (encoder.class_embed, encoder.bbox_embed):
             skip.update(id(p) for p in lst.parameters())
     return sum(
         p.numel() for p in model.parameters() if id(p) not in skip and (p.requires_grad or not trainable_only)

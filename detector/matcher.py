@@ -68,6 +68,10 @@ class HungarianMatcher(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
+    def class_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Classification cost [N, T] of logits [N, C] for target labels [T]: the focal cost on sigmoids."""
+        return focal_class_cost(logits.sigmoid(), labels, self.focal_alpha, self.focal_gamma)
+
     @torch.no_grad()
     def cost_matrices(
         self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]
@@ -91,10 +95,9 @@ class HungarianMatcher(nn.Module):
 
         # One batched [B*Q, T_total] matrix is cheaper than B small ones; each image then keeps its own
         # block of columns.
-        prob = pred_logits.flatten(0, 1).float().sigmoid()
         boxes = pred_boxes.flatten(0, 1).float()
         tgt_boxes = tgt_boxes.to(boxes)
-        cost = self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
+        cost = self.cost_class * self.class_cost(pred_logits.flatten(0, 1).float(), tgt_labels)
         cost = cost + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
         giou = generalized_box_iou(
             box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")

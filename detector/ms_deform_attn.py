@@ -53,6 +53,44 @@ def ms_deform_attn_pytorch(
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
 
 
+def init_sampling_offsets(linear: nn.Linear, n_heads: int, n_levels: int, n_points: int) -> None:
+    """Official init of the offset predictor: zero weights; the bias points head m in direction
+    2πm/M (scaled to the unit square's border), its p-th point p + 1 steps out, the same on every level."""
+    nn.init.constant_(linear.weight, 0.0)
+    thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+    grid = grid / grid.abs().max(-1, keepdim=True)[0]
+    grid = grid.view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)
+    grid = grid * torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+    with torch.no_grad():
+        linear.bias.copy_(grid.view(-1))
+
+
+def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
+    """Where each head samples each level.
+
+    Args:
+        reference_points: [N, Lq, L, 2] normalised (x, y), or [N, Lq, L, 4] boxes (cx, cy, w, h).
+        offsets: [N, Lq, M, L, P, 2] predicted offsets: pixels of each level for points, fractions of
+            the half box per point for boxes.
+        spatial_shapes: long [L, 2], (H_l, W_l).
+    Returns:
+        [N, Lq, M, L, P, 2] normalised (x, y).
+    """
+    if reference_points.shape[-1] == 2:
+        # Offsets are in pixels of each level: normalise by (W, H).
+        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        # Offsets are relative to the box size: P points spread over half the box.
+        n_points = offsets.shape[-2]
+        return (
+            reference_points[:, :, None, :, None, :2]
+            + offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+        )
+    raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -97,15 +135,7 @@ class MSDeformAttn(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        # Initial offsets point in M evenly spread directions, the k-th point k steps out.
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = grid / grid.abs().max(-1, keepdim=True)[0]
-        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
+        init_sampling_offsets(self.sampling_offsets, self.n_heads, self.n_levels, self.n_points)
         nn.init.constant_(self.attention_weights.weight, 0.0)
         nn.init.constant_(self.attention_weights.bias, 0.0)
         nn.init.xavier_uniform_(self.value_proj.weight)
@@ -143,19 +173,6 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
-        if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalise by (W, H).
-            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            locations = (
-                reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-            )
-        elif reference_points.shape[-1] == 4:
-            # Offsets are relative to the box size: P points spread over half the box.
-            locations = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
-        else:
-            raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
+        locations = sampling_locations(reference_points, offsets, input_spatial_shapes)
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
         return self.output_proj(output), locations, weights

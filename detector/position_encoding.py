@@ -23,6 +23,7 @@ class PositionEmbeddingSine(nn.Module):
         temperature: base of the geometric progression of wavelengths.
         normalize: divide the positions by the image's height/width so they lie in (0, scale].
         scale: the range of the normalised positions (2*pi: one period of the slowest frequency).
+        center: normalise pixel centres, (i - 0.5) / n (Deformable DETR); False: i / n (DETR).
     """
 
     def __init__(
@@ -31,12 +32,14 @@ class PositionEmbeddingSine(nn.Module):
         temperature: float = 10000,
         normalize: bool = True,
         scale: float = 2 * math.pi,
+        center: bool = True,
     ):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        self.center = center
 
     def forward(self, mask: Tensor) -> Tensor:
         """Encode the valid pixels of each image.
@@ -54,8 +57,9 @@ class PositionEmbeddingSine(nn.Module):
         if self.normalize:
             eps = 1e-6
             # Deformable DETR centres each pixel (the -0.5), unlike DETR which normalises the raw counts.
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+            shift = 0.5 if self.center else 0.0
+            y_embed = (y_embed - shift) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed - shift) / (x_embed[:, :, -1:] + eps) * self.scale
 
         # Channel pairs (2i, 2i+1) share the frequency temperature^(-2i/num_pos_feats).
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)

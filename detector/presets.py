@@ -3,6 +3,11 @@
 A preset is a small set of overrides on top of the `Config` defaults, so the defaults stay in one
 place (config.py). `r50_*`/`swint_*` reproduce the official models exactly; `tiny_*` are narrow and
 shallow variants for CPU work (ResNet-18, small images).
+
+Beyond the official Sparse DETR configurations: Lite DETR's interleaved encoder with key-aware attention
+on the two-stage + box refinement detector (`*_lite_detr_h3l1_3p1x2` = the paper's H3L1-(3+1)x2,
+`*_lite_detr_h2l2_2p1x3` = H2L2-(2+1)x3), and the baselines of the papers' tables: DETR (`r50_detr`)
+and torchvision's Faster R-CNN + FPN (`r50_faster_rcnn_fpn`), each with a `tiny_` version.
 """
 
 from __future__ import annotations
@@ -25,12 +30,21 @@ def _sparse(rho: float) -> dict[str, Any]:
     return {**_EFFICIENT, "rho": rho, "use_enc_aux_loss": True}
 
 
+# Preset suffix -> Lite DETR layout (the paper's names).
+LITE_LAYOUTS = {"h3l1_3p1x2": "H3L1-(3+1)x2", "h2l2_2p1x3": "H2L2-(2+1)x3"}
+
+
+def _lite(layout: str) -> dict[str, Any]:
+    return {**_TWO_STAGE, "encoder": "lite", "lite_layout": layout, "use_kda": True}
+
+
 _DETECTORS: dict[str, dict[str, Any]] = {
     "deformable_detr": {},
     "deformable_detr_plus_iterative_bbox_refinement": _BOX_REFINE,
     "deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage": _TWO_STAGE,
     "efficient_detr": _EFFICIENT,
     **{f"sparse_detr_rho_{rho}": _sparse(rho) for rho in RHOS},
+    **{f"lite_detr_{suffix}": _lite(layout) for suffix, layout in LITE_LAYOUTS.items()},
 }
 
 # Small enough to train on 2 CPU cores in minutes: ResNet-18, a 64-wide transformer with 2+2 layers,
@@ -64,6 +78,23 @@ _TINY_DATA = {
 _TINY_OPTIM = {"lr": 4e-4, "lr_backbone": 4e-4, "batch_size": 4, "epochs": 5, "lr_drop": 4}
 
 
+# DETR (Carion et al.): C5 only, 6+6 dense layers with FFN 2048, 100 queries, softmax classes with
+# a no-object column (eos_coef 0.1), matcher class cost 1, CE coefficient 1; lr 1e-4 / backbone 1e-5.
+_DETR = {
+    "model": {"arch": "detr", "dim_feedforward": 2048, "num_queries": 100},
+    "loss": {"set_cost_class": 1.0, "cls_loss_coef": 1.0},
+    "optim": {"lr": 1e-4, "lr_backbone": 1e-5, "sqrt_lr_scaling": False},
+}
+# torchvision's Faster R-CNN + FPN; it trains the whole network at one lr and without clipping.
+_FASTER_RCNN = {
+    "model": {"arch": "faster_rcnn"},
+    "optim": {"lr": 1e-4, "lr_backbone": 1e-4, "sqrt_lr_scaling": False, "clip_max_norm": 0.0},
+}
+_BASELINES = {"detr": _DETR, "faster_rcnn_fpn": _FASTER_RCNN}
+# Faster R-CNN uses only these of the tiny model's fields (the FPN is hidden_dim wide).
+_TINY_RCNN_KEYS = ("backbone", "backbone_freeze_early", "backbone_norm", "hidden_dim", "num_classes")
+
+
 def _build_table() -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     for name, model in _DETECTORS.items():
@@ -73,6 +104,18 @@ def _build_table() -> dict[str, dict[str, Any]]:
             "model": {**_TINY_MODEL, **model},
             "data": dict(_TINY_DATA),
             "optim": dict(_TINY_OPTIM),
+        }
+    for name, base in _BASELINES.items():
+        table[f"r50_{name}"] = {**base, "model": {"backbone": "resnet50", **base["model"]}}
+        tiny_model = _TINY_MODEL
+        if base["model"]["arch"] == "faster_rcnn":
+            tiny_model = {k: v for k, v in _TINY_MODEL.items() if k in _TINY_RCNN_KEYS}
+        table[f"tiny_{name}"] = {
+            **base,
+            # The tiny sizes win over the baseline's (e.g. DETR's 100 queries and FFN 2048).
+            "model": {**base["model"], **tiny_model},
+            "data": dict(_TINY_DATA),
+            "optim": {**base.get("optim", {}), **_TINY_OPTIM},
         }
     return table
 

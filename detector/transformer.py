@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from sdetr.detector.decoder import DeformableDecoder, DeformableDecoderLayer
 from sdetr.detector.encoder import DeformableEncoder, DeformableEncoderLayer, gather_tokens
+from sdetr.detector.kda import KeyAwareDeformAttn
 from sdetr.detector.ms_deform_attn import MSDeformAttn
 from sdetr.detector.scoring import ScoringNetwork
 
@@ -35,7 +36,8 @@ class DeformableTransformer(nn.Module):
     """
     Args mirror the official flags: `two_stage`, `eff_query_init`, `eff_specific_head`, `rho` (0 = the
     dense Deformable DETR encoder; > 0 builds the scoring network, and `rho` can then be changed at
-    any time, e.g. at inference) and `use_enc_aux_loss`.
+    any time, e.g. at inference) and `use_enc_aux_loss`. `encoder` replaces the Deformable DETR encoder
+    with another one taking the same call (Lite DETR's `LiteEncoder`; dense mode only).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class DeformableTransformer(nn.Module):
         eff_specific_head: bool = False,
         rho: float = 0.0,
         use_enc_aux_loss: bool = False,
+        encoder: nn.Module | None = None,
     ):
         super().__init__()
         self.d_model = d_model
@@ -67,10 +70,12 @@ class DeformableTransformer(nn.Module):
         self.use_enc_aux_loss = use_enc_aux_loss
 
         self.enc_mask_predictor = ScoringNetwork(d_model, d_model) if rho > 0 else None
-        enc_layer = DeformableEncoderLayer(
-            d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, enc_n_points
-        )
-        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers)
+        if encoder is None:
+            enc_layer = DeformableEncoderLayer(
+                d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, enc_n_points
+            )
+            encoder = DeformableEncoder(enc_layer, num_encoder_layers)
+        self.encoder = encoder
         dec_layer = DeformableDecoderLayer(
             d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, dec_n_points
         )
@@ -95,7 +100,7 @@ class DeformableTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
-            if isinstance(m, MSDeformAttn):
+            if isinstance(m, (MSDeformAttn, KeyAwareDeformAttn)):
                 m._reset_parameters()
         if not self.two_stage:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
@@ -208,8 +213,9 @@ class DeformableTransformer(nn.Module):
             output_proposals=backbone_proposals if self.use_enc_aux_loss else None,
         )
         memory = enc["memory"]
-        out["sampling_locations_enc"] = enc["sampling_locations"]
-        out["attn_weights_enc"] = enc["attn_weights"]
+        if "sampling_locations" in enc:  # the Deformable DETR encoder's; not Lite DETR's
+            out["sampling_locations_enc"] = enc["sampling_locations"]
+            out["attn_weights_enc"] = enc["attn_weights"]
         if self.use_enc_aux_loss:
             out["enc_aux_class"] = enc["aux_class"]
             out["enc_aux_boxes"] = enc["aux_boxes"]

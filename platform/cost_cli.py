@@ -170,7 +170,7 @@ def format_table(results: list[dict]) -> str:
     """Markdown table in the papers' layout: params (M), GFLOPs, then FPS / B4FPS (GPU) or latency (CPU)."""
     gpu = any(r["fps_b4"] is not None for r in results)
     cpu_latency = not gpu and any(r["latency_ms"] is not None for r in results)
-    header = ["Preset", "ρ", "Params (M)", "GFLOPs", "GFLOPs w/o enc aux", "GFLOPs (all)"]
+    header = ["Preset", "ρ", "Params (M)", "GFLOPs", "GFLOPs w/o enc aux", "GFLOPs (all)", "Encoder GFLOPs"]
     header += ["FPS", "B4FPS"] if gpu else ["Latency b1 (ms)"] if cpu_latency else []
     rows = []
     for r in results:
@@ -181,6 +181,7 @@ def format_table(results: list[dict]) -> str:
             f"{r['gflops']:.1f}",
             f"{r['gflops_without_enc_aux_heads']:.1f}",
             f"{r['gflops_all']:.1f}",
+            f"{r['gflops_encoder']:.1f}" if r.get("gflops_encoder") is not None else "-",
         ]
         if gpu:
             row += [f"{r['fps_b1']:.1f}", f"{r['fps_b4']:.1f}"]
@@ -199,7 +200,8 @@ def format_table(results: list[dict]) -> str:
     notes.append(
         "Params: trainable, without Sparse DETR's encoder aux heads (the papers' count). GFLOPs: papers' "
         "convention (fvcore's), everything the eval forward runs; w/o enc aux: less the encoder aux heads "
-        "(training-only); GFLOPs (all): multiply and add counted separately."
+        "(training-only); GFLOPs (all): multiply and add counted separately; Encoder GFLOPs: the "
+        "transformer encoder alone (Lite DETR's comparison), - for Faster R-CNN."
     )
     table = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
     return "\n".join(notes + [""] + table)

@@ -16,8 +16,19 @@ from torch import nn
 from sdetr.detector.coco_eval import evaluate_detections, results_to_detections
 from sdetr.detector.errors import SdetrError
 
-# Loss terms worth logging per step (the rest are per-layer copies of these).
-LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask_prediction", "class_error")
+# Loss terms worth logging per step (the rest are per-layer copies of these); the last four are
+# Faster R-CNN's.
+LOGGED_LOSSES = (
+    "loss_ce",
+    "loss_bbox",
+    "loss_giou",
+    "loss_mask_prediction",
+    "class_error",
+    "loss_classifier",
+    "loss_box_reg",
+    "loss_objectness",
+    "loss_rpn_box_reg",
+)
 
 
 def to_device(images, masks, targets, device):
@@ -36,6 +47,14 @@ def autocast(device: torch.device, amp: str):
 
 class NonFiniteLoss(SdetrError):
     pass
+
+
+def _forward_train(model: nn.Module, images, masks, targets):
+    """``model(images, masks)``; models that compute their own losses (``takes_targets``, e.g. Faster
+    R-CNN) also get the targets. Looks through a DDP wrapper."""
+    if getattr(getattr(model, "module", model), "takes_targets", False):
+        return model(images, masks, targets)
+    return model(images, masks)
 
 
 def train_one_epoch(
@@ -67,7 +86,7 @@ def train_one_epoch(
     for images, masks, targets in loader:
         images, masks, targets = to_device(images, masks, targets, device)
         with autocast(device, amp):
-            outputs = model(images, masks)
+            outputs = _forward_train(model, images, masks, targets)
         # Losses in fp32: the Hungarian matcher and focal loss are sensitive to half precision.
         outputs = _to_float(outputs)
         loss_dict = criterion(outputs, targets)
