@@ -1,0 +1,87 @@
+"""Reading a sweep back from its folder: trial states, stopped-early trials kept off the front, status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from sdetr.platform.sweep import SWEEP_RECORD, TRIAL_RECORD, TRIALS_DIR
+from sdetr.platform.sweep_results import (
+    TRIAL_STATES_FILE,
+    collect_points,
+    finalize,
+    record_states,
+    status_table,
+)
+
+
+def make_trial(sweep_dir: Path, trial_id: str, rho: float, aps: list[float], epochs: int, gflops: float):
+    folder = sweep_dir / TRIALS_DIR / trial_id
+    folder.mkdir(parents=True)
+    record = {
+        "trial_id": trial_id,
+        "params": {"model.rho": rho},
+        "label": f"ρ={rho} R18",
+        "preset": "tiny_sparse_detr_rho_0.1",
+        "backbone": "resnet18",
+        "rho": rho,
+        "epochs": epochs,
+        "cost": {"gflops": gflops, "params": 11.8e6, "fps": None, "cost_input": "3x850x1040"},
+    }
+    (folder / TRIAL_RECORD).write_text(json.dumps(record))
+    history = [{"epoch": i, "AP": ap, "AP50": 2 * ap} for i, ap in enumerate(aps)]
+    (folder / "history.json").write_text(json.dumps({"epochs": epochs, "history": history}))
+    return folder
+
+
+def test_stopped_early_and_failed_trials_are_never_on_the_front(tmp_path):
+    sweep = tmp_path / "s"
+    (sweep).mkdir()
+    (sweep / SWEEP_RECORD).write_text(json.dumps({"name": "s", "mlflow": None, "status": "finished"}))
+    make_trial(sweep, "t0", 0.1, [0.1, 0.2, 0.3], 3, 30.0)  # completed
+    make_trial(sweep, "t1", 0.2, [0.4], 3, 20.0)  # ASHA stopped it after one epoch: best-looking point
+    make_trial(sweep, "t2", 0.3, [0.35, 0.5], 3, 40.0)  # failed in its last epoch
+    make_trial(sweep, "t3", 0.5, [0.1, 0.2, 0.25], 3, 50.0)  # completed, dominated by t0
+    grid = SimpleNamespace(
+        _experiment_analysis=SimpleNamespace(
+            trials=[
+                SimpleNamespace(trial_id="t0", status="TERMINATED"),
+                SimpleNamespace(trial_id="t1", status="TERMINATED"),
+                SimpleNamespace(trial_id="t2", status="ERROR"),
+                SimpleNamespace(trial_id="t3", status="TERMINATED"),
+            ]
+        )
+    )
+    record_states(sweep, grid)
+    assert json.loads((sweep / TRIAL_STATES_FILE).read_text())["t2"] == "error"
+    points = {p.trial_id: p for p in collect_points(sweep)}
+    assert {k: p.status for k, p in points.items()} == {
+        "t0": "completed",
+        "t1": "stopped_early",
+        "t2": "error",
+        "t3": "completed",
+    }
+    summary = finalize(sweep, log=lambda *_: None)
+    assert [p.trial_id for p in summary["front"]] == ["t0"]
+    csv_text = (sweep / "pareto" / "pareto.csv").read_text()
+    assert "stopped_early" in csv_text and "error" in csv_text
+    table = status_table(sweep)
+    assert "2/4 trials completed" in table
+    assert "1/3" in table and "stopped_early" in table
+
+
+def test_dynamic_rho_points_join_the_plot(tmp_path):
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    (sweep / SWEEP_RECORD).write_text(json.dumps({"name": "s", "mlflow": None}))
+    folder = make_trial(sweep, "t0", 0.1, [0.3], 1, 30.0)
+    points = [
+        {"rho": r, "AP": 0.2 + r, "gflops": 1.0 + r, "gflops_fixed": 29.0 + 10 * r} for r in (0.05, 0.2)
+    ]
+    (folder / "dynamic_rho.json").write_text(json.dumps({"points": points}))
+    collected = collect_points(sweep)
+    dyn = [p for p in collected if p.source == "dynamic_rho"]
+    # The sweep counted GFLOPs at the fixed input, so the curve uses its fixed-input figures too.
+    assert [p.gflops for p in dyn] == [29.5, 31.0]
+    assert all(p.label.endswith("(dyn)") and p.trial_id == "t0" for p in dyn)
