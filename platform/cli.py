@@ -124,11 +124,17 @@ def cmd_model(args) -> int:
         return 0
     m = cfg.model
     print(f"preset            {args.preset}")
-    print(f"backbone          {m.backbone} (weights: {m.backbone_weights})")
     print(
-        f"transformer       d={m.hidden_dim} heads={m.nheads} enc={m.enc_layers} dec={m.dec_layers} "
-        f"ffn={m.dim_feedforward} levels={m.num_feature_levels} queries={m.num_queries}"
+        f"architecture      {m.arch}"
+        + (f", encoder {m.encoder} {m.lite_layout}" if m.encoder == "lite" else "")
     )
+    print(f"backbone          {m.backbone} (weights: {m.backbone_weights})")
+    if m.arch != "faster_rcnn":
+        enc = m.lite_layout if m.encoder == "lite" else m.enc_layers  # a Lite layout sets its own depth
+        print(
+            f"transformer       d={m.hidden_dim} heads={m.nheads} enc={enc} dec={m.dec_layers} "
+            f"ffn={m.dim_feedforward} levels={m.num_feature_levels} queries={m.num_queries}"
+        )
     flags = [
         f
         for f in ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")

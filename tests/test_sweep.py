@@ -31,11 +31,16 @@ EXPERIMENT = "test-sweeps"
 RHOS = [0.1, 0.5]
 
 
-def sweep_yaml(data: Path, name: str, extra: str = "") -> str:
-    """Two tiny trials at once, 2 epochs of 8 steps each (16 images, batch 2, one worker)."""
-    return (
-        textwrap.dedent(
-            f"""\
+def sweep_yaml(
+    data: Path,
+    name: str,
+    rhos: list[float] = RHOS,
+    epochs: int = 2,
+    resources: str = "{workers: 1, cpus_per_worker: 0.5, max_concurrent: 2}",
+) -> str:
+    """By default two tiny trials at once, 2 epochs of 8 steps each (16 images, batch 2, one worker)."""
+    return textwrap.dedent(
+        f"""\
         name: {name}
         preset: tiny_sparse_detr_rho_0.1
         set:
@@ -47,15 +52,13 @@ def sweep_yaml(data: Path, name: str, extra: str = "") -> str:
           train.progress: false
           train.log_every_steps: 2
         space:
-          model.rho: {RHOS}
-        resources: {{workers: 1, cpus_per_worker: 0.5, max_concurrent: 2}}
-        epochs: 2
+          model.rho: {rhos}
+        resources: {resources}
+        epochs: {epochs}
         data: {data}
         mlflow: {{experiment: {EXPERIMENT}}}
         cost: {{input: [128, 160], fps: false}}
         """
-        )
-        + extra
     )
 
 

@@ -123,13 +123,9 @@ def test_submit_to_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, e
     shard_coco(tmp_path / "coco", tmp_path / "shards", shard_size=8, progress=False)
     work = tmp_path / "work"
     work.mkdir()
-    text = (
-        sweep_yaml(tmp_path / "shards", "remote")
-        .replace("[0.1, 0.3, 0.5]", "[0.2]")
-        .replace("epochs: 2", "epochs: 1")
-    )
-    text = text.replace(
-        "{workers: 1, cpus_per_worker: 0.5, max_concurrent: 2}", "{workers: 2, cpus_per_worker: 1.5}"
+    # One trial of two 1.5-CPU workers: a 2-CPU node holds only one of them.
+    text = sweep_yaml(
+        tmp_path / "shards", "remote", rhos=[0.2], epochs=1, resources="{workers: 2, cpus_per_worker: 1.5}"
     )
     (work / "remote.yaml").write_text(text)
     storage = tmp_path / "shared-runs"
