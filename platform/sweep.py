@@ -306,21 +306,36 @@ def run_sweep(
     status = "FAILED"
     try:
         grid = _tune(spec, sweep_dir, context, concurrent, address, restore=record is not None)
-        record_states(sweep_dir, grid)
-        status = "FINISHED"
+        states = record_states(sweep_dir, grid)
+        # Tune returns normally after Ctrl+C too, with trials left pending or running.
+        status = "KILLED" if "running" in states.values() else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         from sdetr.platform.sweep_results import finalize
 
-        summary = finalize(sweep_dir, log=log, final=status == "FINISHED")
+        try:
+            summary = finalize(sweep_dir, log=log)
+        except Exception as exc:
+            if status == "FINISHED":
+                raise
+            # Never hide why the sweep stopped behind a failure to draw what it had.
+            log(f"warning: could not write the Pareto front: {exc}")
+            summary = {"points": [], "front": []}
+        if status == "KILLED":
+            log(f"interrupted: `sdetr sweep resume {name}` continues the unfinished trials")
         if tracked is not None:
             tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
         record = json.loads(record_path.read_text())
         record["status"] = status.lower()
         ray_train._write_json(record_path, record)
-    return {"sweep_dir": str(sweep_dir), "mlflow": tracked.to_dict() if tracked else None, **summary}
+    return {
+        "sweep_dir": str(sweep_dir),
+        "status": status.lower(),
+        "mlflow": tracked.to_dict() if tracked else None,
+        **summary,
+    }
 
 
 def _parent_params(spec: SweepSpec, cpus_per_worker: float, concurrent: int) -> dict[str, Any]:
@@ -384,6 +399,25 @@ def _tune(
     if restore and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
+    tuner = tune.Tuner(
+        trainable,
+        param_space=spec.tune_space(),
+        tune_config=tune_config(spec, concurrent),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name,
+            storage_path=str(sweep_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=max(spec.max_failures, 0)),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def tune_config(spec: SweepSpec, concurrent: int):
+    """Search algorithm, scheduler and limits. The metric lives on the searcher and the scheduler, not on
+    `TuneConfig` (which takes one metric, where the multi-objective search has two)."""
+    from ray import tune
+
     scheduler = None
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -396,23 +430,12 @@ def _tune(
             grace_period=spec.grace_period,
             reduction_factor=spec.reduction_factor,
         )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=spec.tune_space(),
-        tune_config=tune.TuneConfig(
-            search_alg=_search_alg(spec),
-            scheduler=scheduler,
-            num_samples=spec.num_samples,
-            max_concurrent_trials=concurrent,
-        ),
-        run_config=tune.RunConfig(
-            name=sweep_dir.name,
-            storage_path=str(sweep_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=max(spec.max_failures, 0)),
-            verbose=1,
-        ),
+    return tune.TuneConfig(
+        search_alg=_search_alg(spec),
+        scheduler=scheduler,
+        num_samples=spec.num_samples,
+        max_concurrent_trials=concurrent,
     )
-    return tuner.fit()
 
 
 def context_cpu() -> float:

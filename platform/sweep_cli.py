@@ -40,7 +40,13 @@ def add_sweep_parsers(sub) -> None:
     )
     run.set_defaults(func=cmd_sweep_run)
 
-    submit = sweep.add_parser("submit", help="submit a sweep to a Ray cluster through the Jobs API")
+    submit = sweep.add_parser(
+        "submit",
+        help="submit a sweep to a Ray cluster through the Jobs API",
+        description="Ships the current directory (which must contain the sweep file) and runs "
+        "`python -m sdetr.platform.cli sweep run FILE` on the head node; sdetr must be installed on "
+        "every node.",
+    )
     submit.add_argument("file", type=Path)
     _common(submit)
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
@@ -103,6 +109,8 @@ def _report(summary: dict) -> int:
     print(f"sweep folder: {summary['sweep_dir']}")
     if summary.get("mlflow"):
         print(f"MLflow: {summary['mlflow']['tracking_uri']} (parent run {summary['mlflow']['run_id']})")
+    if summary.get("status") == "killed":
+        return 130
     if errored:
         name = Path(summary["sweep_dir"]).name
         print(f"{len(errored)} trial(s) failed; `sdetr sweep resume {name}` retries them", file=sys.stderr)

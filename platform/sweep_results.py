@@ -107,7 +107,7 @@ def collect_points(sweep_dir: Path) -> list:
     return points
 
 
-def record_states(sweep_dir: Path, grid) -> None:
+def record_states(sweep_dir: Path, grid) -> dict[str, str]:
     """Tune's verdict per trial: a trial Tune ended before its last epoch was stopped by the scheduler."""
     from sdetr.platform.ray_train import _write_json
 
@@ -121,9 +121,10 @@ def record_states(sweep_dir: Path, grid) -> None:
         else:
             states[trial.trial_id] = "running"  # pending or paused when the sweep stopped
     _write_json(sweep_dir / TRIAL_STATES_FILE, states)
+    return states
 
 
-def finalize(sweep_dir: Path, log=print, final: bool = True, mlflow: bool = True) -> dict[str, Any]:
+def finalize(sweep_dir: Path, log=print, mlflow: bool = True) -> dict[str, Any]:
     """Compute the front, write pareto.csv/png/html, and mark it in MLflow (parent artifacts and a
     ``pareto_optimal`` tag on every trial run). Returns {"points": [...], "front": [...]}."""
     from sdetr.platform.pareto import format_table, mark_front, plot_png, write_csv, write_html
