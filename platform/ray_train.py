@@ -569,7 +569,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records rank 0 wrote to ``<run_dir>/history.json`` (empty before the first epoch)."""
+    try:
+        return list(json.loads((run_dir / HISTORY_FILE).read_text()).get("history", []))
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
@@ -822,7 +830,7 @@ def train_func(config: dict[str, Any]) -> None:
         if ckpt_every > 0 and global_step % ckpt_every == 0 and step < steps_per_epoch:
             save_and_report(current_epoch, step, {"loss": metrics["loss"]})
         if workers_dir is not None:
-            _write_json(
+            write_json(
                 workers_dir / f"rank{rank}.json",
                 {
                     "pid": os.getpid(),
@@ -891,7 +899,7 @@ def train_func(config: dict[str, Any]) -> None:
         save_and_report(epoch, steps_per_epoch, {k: v for k, v in record.items() if k != "epoch"})
         if rank == 0 and run_dir is not None:
             # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun).
-            _write_json(run_dir / HISTORY_FILE, {"epochs": cfg.optim.epochs, "history": history})
+            write_json(run_dir / HISTORY_FILE, {"epochs": cfg.optim.epochs, "history": history})
         epoch, done = epoch + 1, 0
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from sdetr.detector.errors import ConfigError
 from sdetr.platform import tracking
-from sdetr.platform.sweep_spec import OBJECTIVES, SweepSpec, plan_trials
+from sdetr.platform.sweep_spec import OBJECTIVES, TRIAL_DRIVER_CPUS, SweepSpec, plan_trials
 
 SPEC_FILE = "sweep.yaml"
 SWEEP_RECORD = "sweep.json"
@@ -69,6 +69,7 @@ def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
     if cached.is_file():
         return json.loads(cached.read_text())
     from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
+    from sdetr.platform.ray_train import write_json
 
     res = cost_of_preset(
         cfg,
@@ -89,20 +90,8 @@ def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
         "cost_device": res["device"],
     }
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.tmp")
-    tmp.write_text(json.dumps(cost, indent=1))
-    os.replace(tmp, cached)
+    write_json(cached, cost)
     return cost
-
-
-def _last_history(folder: Path) -> tuple[int, list[dict[str, Any]]]:
-    from sdetr.platform.ray_train import HISTORY_FILE
-
-    path = folder / HISTORY_FILE
-    if not path.is_file():
-        return 0, []
-    data = json.loads(path.read_text())
-    return int(data.get("epochs", 0)), list(data.get("history", []))
 
 
 def trial_main(params: dict[str, Any], context: dict[str, Any]) -> None:
@@ -132,9 +121,9 @@ def trial_main(params: dict[str, Any], context: dict[str, Any]) -> None:
         "epochs": cfg.optim.epochs,
         "cost": cost,
     }
-    ray_train._write_json(folder / TRIAL_RECORD, record)
+    ray_train.write_json(folder / TRIAL_RECORD, record)
 
-    epochs, history = _last_history(folder)
+    history = ray_train.read_history(folder)
     if history and len(history) >= cfg.optim.epochs:
         # Trained to the end before the sweep driver died: report the final epoch without re-running.
         last = history[-1]
@@ -171,12 +160,6 @@ def trial_main(params: dict[str, Any], context: dict[str, Any]) -> None:
 # -- driver side -----------------------------------------------------------------------------------
 def sweep_dir_of(storage: str | None, name: str) -> Path:
     return Path(storage or DEFAULT_STORAGE).expanduser().resolve() / name
-
-
-def _cluster(address: str | None) -> dict[str, float]:
-    from sdetr.platform.ray_train import cluster_resources
-
-    return cluster_resources(address)
 
 
 def _same_spec(saved: dict[str, Any], spec: SweepSpec) -> list[str]:
@@ -220,7 +203,7 @@ def run_sweep(
 
     # Everything a user can get wrong, before a single trial starts.
     address = address or os.environ.get("RAY_ADDRESS") or None
-    cluster = _cluster(address)
+    cluster = ray_train.cluster_resources(address)
     headroom = data_cpu_headroom()
     cpus_per_worker, concurrent = plan_trials(spec, cluster, headroom)
     base = spec.trial_config({})
@@ -266,7 +249,7 @@ def run_sweep(
             log=log,
         )
     (sweep_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    ray_train._write_json(
+    ray_train.write_json(
         record_path,
         {
             "name": name,
@@ -329,7 +312,7 @@ def run_sweep(
             tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
         record = json.loads(record_path.read_text())
         record["status"] = status.lower()
-        ray_train._write_json(record_path, record)
+        ray_train.write_json(record_path, record)
     return {
         "sweep_dir": str(sweep_dir),
         "status": status.lower(),
@@ -393,7 +376,7 @@ def _tune(
     ctx.print_on_execution_start = False
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, context=context),
-        {"CPU": context_cpu(), "GPU": 0},
+        {"CPU": TRIAL_DRIVER_CPUS, "GPU": 0},
     )
     path = str(sweep_dir)
     if restore and tune.Tuner.can_restore(path):
@@ -436,12 +419,6 @@ def tune_config(spec: SweepSpec, concurrent: int):
         num_samples=spec.num_samples,
         max_concurrent_trials=concurrent,
     )
-
-
-def context_cpu() -> float:
-    from sdetr.platform.sweep_spec import TRIAL_DRIVER_CPUS
-
-    return TRIAL_DRIVER_CPUS
 
 
 def resume_sweep(

@@ -28,7 +28,7 @@ def _read_json(path: Path) -> Any:
 
 def trial_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One dict per trial: its record, epochs done, the last epoch's metrics, its state and MLflow run."""
-    from sdetr.platform.ray_train import HISTORY_FILE, RUN_RECORD
+    from sdetr.platform.ray_train import RUN_RECORD, read_history
     from sdetr.platform.sweep import TRIAL_RECORD, TRIALS_DIR
 
     states = _read_json(sweep_dir / TRIAL_STATES_FILE) or {}
@@ -37,7 +37,7 @@ def trial_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         record = _read_json(folder / TRIAL_RECORD)
         if not record:
             continue
-        history = (_read_json(folder / HISTORY_FILE) or {}).get("history", [])
+        history = read_history(folder)
         run = (_read_json(folder / RUN_RECORD) or {}).get("mlflow") or {}
         done = len(history)
         if done >= record["epochs"]:
@@ -58,7 +58,7 @@ def trial_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def collect_points(sweep_dir: Path) -> list:
+def collect_points(sweep_dir: Path, log=print) -> list:
     """Pareto points: one per trial, plus the dynamic-ρ evaluations of trained trials."""
     from sdetr.platform.pareto import ParetoPoint, label_for
 
@@ -81,13 +81,19 @@ def collect_points(sweep_dir: Path) -> list:
                 extra={"epochs_done": row["epochs_done"], "AP50": row["last"].get("AP50")},
             )
         )
-        dyn = _read_json(Path(row["folder"]) / DYNAMIC_RHO_FILE)
-        for p in (dyn or {}).get("points", []):
-            gflops = (
-                p.get("gflops_fixed", p.get("gflops"))
-                if row["cost"].get("cost_input", "").startswith("3x")
-                else p.get("gflops")
+        dyn = _read_json(Path(row["folder"]) / DYNAMIC_RHO_FILE) or {}
+        # The curve's GFLOPs must be counted as the trials' were: on the same fixed input, or as a val mean.
+        trial_input = cost.get("cost_input", "")
+        fixed = trial_input.startswith("3x")
+        if dyn.get("points") and fixed and dyn.get("fixed_input") != trial_input:
+            log(
+                f"warning: {row['folder']}/{DYNAMIC_RHO_FILE}: GFLOPs counted on "
+                f"{dyn.get('fixed_input') or 'val images'}, the sweep's on {trial_input}; left off the plot "
+                "(rerun `sdetr eval` with --flops-input)"
             )
+            continue
+        for p in dyn.get("points", []):
+            gflops = p.get("gflops_fixed") if fixed else p.get("gflops")
             points.append(
                 ParetoPoint(
                     label=f"{label_for(p['rho'], row['backbone'], row['preset'])} (dyn)",
@@ -109,7 +115,7 @@ def collect_points(sweep_dir: Path) -> list:
 
 def record_states(sweep_dir: Path, grid) -> dict[str, str]:
     """Tune's verdict per trial: a trial Tune ended before its last epoch was stopped by the scheduler."""
-    from sdetr.platform.ray_train import _write_json
+    from sdetr.platform.ray_train import write_json
 
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
     states = _read_json(sweep_dir / TRIAL_STATES_FILE) or {}
@@ -120,7 +126,7 @@ def record_states(sweep_dir: Path, grid) -> dict[str, str]:
             states[trial.trial_id] = "stopped_early"  # overridden by "completed" when history is complete
         else:
             states[trial.trial_id] = "running"  # pending or paused when the sweep stopped
-    _write_json(sweep_dir / TRIAL_STATES_FILE, states)
+    write_json(sweep_dir / TRIAL_STATES_FILE, states)
     return states
 
 
@@ -130,7 +136,7 @@ def finalize(sweep_dir: Path, log=print, mlflow: bool = True) -> dict[str, Any]:
     from sdetr.platform.pareto import format_table, mark_front, plot_png, write_csv, write_html
     from sdetr.platform.sweep import SWEEP_RECORD
 
-    points = mark_front(collect_points(sweep_dir))
+    points = mark_front(collect_points(sweep_dir, log))
     out = sweep_dir / PARETO_DIR
     out.mkdir(parents=True, exist_ok=True)
     title = f"{sweep_dir.name}: AP vs GFLOPs"
@@ -161,19 +167,12 @@ def _log_front(tracked: dict[str, str], points: list, files: list[Path]) -> None
             tracking.set_tags(client, p.run_id, {"pareto_optimal": str(p.on_front).lower()})
     front = [p for p in trial_points if p.on_front]
     done = [p for p in trial_points if p.status == "completed"]
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(
-        tracked["run_id"],
-        metrics=[
-            Metric("pareto/front_size", len(front), now, 0),
-            Metric("pareto/trials_completed", len(done), now, 0),
-            *[Metric("pareto/best_AP", max(p.AP for p in done), now, 0)] * bool(done),
-        ],
-    )
+    summary = {"pareto/front_size": len(front), "pareto/trials_completed": len(done)}
+    if done:
+        summary["pareto/best_AP"] = max(p.AP for p in done)
+    logger = tracking.MetricLogger(tracked["tracking_uri"], tracked["run_id"])
+    logger.log(summary, 0)
+    logger.flush()
     tracking.set_tags(
         client, tracked["run_id"], {"sdetr.pareto_front": ", ".join(p.label for p in front)[:5000]}
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -155,4 +154,3 @@ def test_submit_to_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, e
     trial_dir = next((storage / "remote" / "trials").iterdir())
     ranks = [json.loads((trial_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["node_id"] != ranks[1]["node_id"]
-    shutil.rmtree(storage, ignore_errors=True)

@@ -79,9 +79,22 @@ def test_dynamic_rho_points_join_the_plot(tmp_path):
     points = [
         {"rho": r, "AP": 0.2 + r, "gflops": 1.0 + r, "gflops_fixed": 29.0 + 10 * r} for r in (0.05, 0.2)
     ]
-    (folder / "dynamic_rho.json").write_text(json.dumps({"points": points}))
+    (folder / "dynamic_rho.json").write_text(json.dumps({"fixed_input": "3x850x1040", "points": points}))
     collected = collect_points(sweep)
     dyn = [p for p in collected if p.source == "dynamic_rho"]
     # The sweep counted GFLOPs at the fixed input, so the curve uses its fixed-input figures too.
     assert [p.gflops for p in dyn] == [29.5, 31.0]
     assert all(p.label.endswith("(dyn)") and p.trial_id == "t0" for p in dyn)
+
+
+def test_dynamic_rho_counted_on_another_input_is_left_off(tmp_path):
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    (sweep / SWEEP_RECORD).write_text(json.dumps({"name": "s", "mlflow": None}))
+    folder = make_trial(sweep, "t0", 0.1, [0.3], 1, 30.0)
+    points = [{"rho": 0.2, "AP": 0.4, "gflops": 1.2, "gflops_fixed": 2.0}]
+    (folder / "dynamic_rho.json").write_text(json.dumps({"fixed_input": "3x128x160", "points": points}))
+    warnings = []
+    collected = collect_points(sweep, log=warnings.append)
+    assert [p.source for p in collected] == ["trial"]
+    assert "3x128x160" in warnings[0] and "3x850x1040" in warnings[0]

@@ -75,7 +75,7 @@ def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
         """\
         preset: tiny_sparse_detr_rho_0.1
         space:
-          model.rho: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+          model.rho: [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]  # best first, so weaker trials meet full rungs
         scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
         epochs: 4
         """,
