@@ -29,7 +29,7 @@ import time
 import torch
 
 from sdetr.detector import ops
-from sdetr.detector.ms_deform_attn import ms_deform_attn_pytorch
+from sdetr.detector.layers.ms_deform_attn import ms_deform_attn_pytorch
 
 LEVELS = ((107, 130), (54, 65), (27, 33), (14, 17))
 HEADS, CHANNELS, POINTS = 8, 32, 4

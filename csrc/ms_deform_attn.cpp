@@ -1,7 +1,7 @@
 // Schema of the sdetr ops, shared input checks and the CPU registration.
 // The CUDA kernels register themselves in cuda/ms_deform_attn_cuda.cu when that file is compiled in.
 // Autograd, the fake (meta) implementation and the FLOP formula are registered from Python in
-// sdetr.detector.ops, which set_python_module names so that torch can find them.
+// sdetr.detector.ops.registrations, which set_python_module names so that torch can find them.
 #include "ms_deform_attn.h"
 
 #include <torch/library.h>
@@ -57,7 +57,7 @@ MsdaSizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes
 }  // namespace sdetr
 
 TORCH_LIBRARY(sdetr, m) {
-  m.set_python_module("sdetr.detector.ops");
+  m.set_python_module("sdetr.detector.ops.registrations");
   m.def(
       "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> Tensor",

@@ -324,8 +324,8 @@ def cost_of_preset(
     on CPU only batch 1 with a few iterations (its latency is what matters there).
     """
     from sdetr.detector import ops
+    from sdetr.detector.build import build_model, count_parameters
     from sdetr.detector.config import resolve_device
-    from sdetr.detector.detr import build_model, count_parameters
     from sdetr.detector.errors import DataError
     from sdetr.detector.presets import get_preset
 

@@ -107,7 +107,7 @@ def cmd_model(args) -> int:
     if args.model_cmd == "config":
         print(cfg.to_yaml(), end="")
         return 0
-    from sdetr.detector.detr import build_model, count_parameters
+    from sdetr.detector.build import build_model, count_parameters
 
     model = build_model(cfg.model)
     state = model.state_dict()

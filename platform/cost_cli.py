@@ -80,8 +80,8 @@ def parse_hw(text: str) -> tuple[int, int]:
 def _check_args(args) -> tuple[list[str], tuple[int, int]]:
     import torch
 
+    from sdetr.detector.build import validate_model_config
     from sdetr.detector.cost import FIXED_INPUT_HW
-    from sdetr.detector.detr import validate_model_config
     from sdetr.detector.presets import get_preset, preset_names
 
     hw = parse_hw(args.input) if args.input is not None else FIXED_INPUT_HW

@@ -27,7 +27,7 @@ def _run(cmd: list[str]) -> str:
 def _nvcc_line() -> str:
     from sdetr.detector import ops
 
-    home = ops._find_cuda_home()
+    home = ops.find_cuda_home()
     if home is None:
         return "not found (set CUDA_HOME to a CUDA toolkit to build the CUDA kernels)"
     nvcc = os.path.join(home, "bin", "nvcc")

@@ -471,13 +471,13 @@ def evaluate_rhos(
     """
     import torch
 
+    from sdetr.detector.build import build_model
     from sdetr.detector.checkpoint import load_model_weights
-    from sdetr.detector.coco_eval import METRIC_NAMES, evaluate_detections
     from sdetr.detector.config import resolve_device
     from sdetr.detector.cost import FlopReport, count_flops
     from sdetr.detector.data import collate_fn
-    from sdetr.detector.detr import build_model
-    from sdetr.detector.postprocess import PostProcess
+    from sdetr.detector.evaluation.coco_eval import METRIC_NAMES, evaluate_detections
+    from sdetr.detector.evaluation.postprocess import PostProcess
     from sdetr.platform.engine import predict, to_device
 
     # Everything a user can get wrong is checked before the model is built.

@@ -668,9 +668,8 @@ def train_func(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import CheckpointUploadMode
 
-    from sdetr.detector.criterion import build_criterion
-    from sdetr.detector.detr import build_model
-    from sdetr.detector.postprocess import PostProcess
+    from sdetr.detector.build import build_criterion, build_model
+    from sdetr.detector.evaluation.postprocess import PostProcess
     from sdetr.platform.engine import evaluate, train_one_epoch
     from sdetr.platform.optim import build_optimizer
     from sdetr.platform.ray_data import coco_ground_truth, iter_epoch

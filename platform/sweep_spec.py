@@ -307,7 +307,7 @@ def _parse_set(spec: SweepSpec, data: Any) -> None:
 
 def _check_value(spec: SweepSpec, where: str, full: str, value: Any) -> None:
     """Type-check ``value`` for config field ``full`` and apply the domain rules a type cannot say."""
-    from sdetr.detector.backbone import BACKBONES
+    from sdetr.detector.backbones.backbone import BACKBONES
 
     try:
         set_by_path(Config(), full, copy.deepcopy(value), "value")
@@ -447,7 +447,7 @@ def _parse_cost(spec: SweepSpec, data: dict) -> None:
 
 def _check_trials(spec: SweepSpec) -> None:
     """Every enumerable trial must build a valid model (e.g. ρ > 0 needs a two-stage preset)."""
-    from sdetr.detector.detr import validate_model_config
+    from sdetr.detector.build import validate_model_config
 
     for params in spec.grid_points() or [{}]:
         try:

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from sdetr.detector.build import build_criterion, build_model, count_parameters
 from sdetr.detector.checkpoint import read_checkpoint, save_atomic
 from sdetr.detector.config import Config, resolve_device
-from sdetr.detector.criterion import build_criterion
 from sdetr.detector.data import build_dataset, collate_fn
-from sdetr.detector.detr import build_model, count_parameters
 from sdetr.detector.errors import CheckpointError, ConfigError, DataError
-from sdetr.detector.postprocess import PostProcess
+from sdetr.detector.evaluation.postprocess import PostProcess
 from sdetr.platform.engine import evaluate, train_one_epoch
 from sdetr.platform.optim import build_optimizer
 

@@ -9,23 +9,22 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from sdetr.detector.backbone import (
-    FrozenBatchNorm2d,
-    Joiner,
-    build_backbone,
-    load_backbone_weights,
-    read_backbone_weights,
-)
-from sdetr.detector.config import ModelConfig
-from sdetr.detector.errors import CheckpointError, ConfigError
-from sdetr.detector.position_encoding import PositionEmbeddingSine, build_position_encoding
-from sdetr.detector.swin import (
+from sdetr.detector.backbones.backbone import Joiner, build_backbone
+from sdetr.detector.backbones.resnet import FrozenBatchNorm2d
+from sdetr.detector.backbones.swin import (
     SwinTransformer,
     SwinTransformerBlock,
     shifted_window_mask,
     swin_t,
+)
+from sdetr.detector.backbones.weights import (
+    load_backbone_weights,
+    read_backbone_weights,
     translate_torchvision_swin,
 )
+from sdetr.detector.config import ModelConfig
+from sdetr.detector.errors import CheckpointError, ConfigError
+from sdetr.detector.layers.position_encoding import PositionEmbeddingSine, build_position_encoding
 
 
 def padded_batch():

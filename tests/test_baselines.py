@@ -9,14 +9,13 @@ import pytest
 import torch
 import torchvision
 
+from sdetr.detector.build import build_criterion, build_model, count_parameters
 from sdetr.detector.cost import count_flops
-from sdetr.detector.criterion import build_criterion
-from sdetr.detector.detr import build_model, count_parameters
-from sdetr.detector.detr_baseline import DETR
-from sdetr.detector.detr_criterion import DETRMatcher, DETRSetCriterion
 from sdetr.detector.errors import ConfigError
-from sdetr.detector.faster_rcnn import RCNN_LOSSES, FasterRCNNFPN, ModelLossCriterion
-from sdetr.detector.postprocess import PostProcess
+from sdetr.detector.evaluation.postprocess import PostProcess
+from sdetr.detector.losses.detr_criterion import DETRMatcher, DETRSetCriterion
+from sdetr.detector.models.detr import DETR
+from sdetr.detector.models.faster_rcnn import RCNN_LOSSES, FasterRCNNFPN, ModelLossCriterion
 from sdetr.detector.presets import get_preset
 from sdetr.platform.engine import train_one_epoch
 

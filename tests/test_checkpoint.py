@@ -7,8 +7,8 @@ import argparse
 import pytest
 import torch
 
+from sdetr.detector.build import build_model
 from sdetr.detector.checkpoint import load_model_weights, model_config_from_official_args, save_atomic
-from sdetr.detector.detr import build_model
 from sdetr.detector.errors import CheckpointError
 from sdetr.detector.presets import get_preset
 from tests.test_model import padded_batch

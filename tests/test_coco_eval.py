@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from sdetr.detector import coco_eval
-from sdetr.detector.coco_eval import METRIC_NAMES, evaluate_detections, results_to_detections
 from sdetr.detector.data.coco import coco_from_dict
 from sdetr.detector.errors import DataError
+from sdetr.detector.evaluation import coco_eval
+from sdetr.detector.evaluation.coco_eval import METRIC_NAMES, evaluate_detections, results_to_detections
 
 HAS_FASTER = coco_eval._has_faster_coco_eval()
 BACKENDS = ["pycocotools"] + (["faster_coco_eval"] if HAS_FASTER else [])

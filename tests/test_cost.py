@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdetr.detector import ops
+from sdetr.detector.build import build_model
 from sdetr.detector.cost import FlopReport, cost_of_preset, count_flops, measure_fps
-from sdetr.detector.detr import build_model
 from sdetr.detector.errors import ConfigError, SdetrError
-from sdetr.detector.ms_deform_attn import ms_deform_attn
+from sdetr.detector.layers.ms_deform_attn import ms_deform_attn
 from sdetr.detector.presets import get_preset
-from sdetr.detector.transformer import keep_counts
+from sdetr.detector.transformer.deformable_transformer import keep_counts
 from sdetr.platform.cost_cli import add_cost_parser, cmd_cost, format_table
 
 SMALL_HW = (128, 160)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdetr.detector.dam import attn_map_to_flat_grid, dam_correlation, dam_loss, dam_target
+from sdetr.detector.losses.dam import attn_map_to_flat_grid, dam_correlation, dam_loss, dam_target
 
 SHAPES = torch.tensor([[3, 5], [4, 2], [2, 3]])  # non-square levels, S = 15 + 8 + 6 = 29
 STARTS = torch.tensor([0, 15, 23])

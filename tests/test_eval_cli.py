@@ -14,9 +14,9 @@ import shutil
 import pytest
 import torch
 
+from sdetr.detector.build import build_model
 from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
 from sdetr.detector.data.synth import generate_synthetic_coco
-from sdetr.detector.detr import build_model
 from sdetr.detector.errors import CheckpointError, ConfigError, DataError, SdetrError
 from sdetr.detector.presets import get_preset
 from sdetr.platform import eval_cli, tracking

@@ -8,12 +8,16 @@ import math
 import pytest
 import torch
 
-from sdetr.detector.criterion import build_criterion
-from sdetr.detector.detr import build_model
+from sdetr.detector.build import build_criterion, build_model
 from sdetr.detector.errors import ConfigError
-from sdetr.detector.kda import KeyAwareDeformAttn, key_aware_deform_attn
-from sdetr.detector.lite_encoder import LiteEncoder, LiteEncoderLayer, LiteLayout, parse_lite_layout
+from sdetr.detector.layers.kda import KeyAwareDeformAttn, key_aware_deform_attn
 from sdetr.detector.presets import get_preset
+from sdetr.detector.transformer.lite_encoder import (
+    LiteEncoder,
+    LiteEncoderLayer,
+    LiteLayout,
+    parse_lite_layout,
+)
 
 SHAPES = [(6, 8), (3, 4), (2, 2)]
 
@@ -172,7 +176,7 @@ def encoder_inputs(c=16, seed=0):
         mk = torch.zeros(2, h, w, dtype=torch.bool)
         mk[1, :, max(1, w * 3 // 4) :] = True
         masks.append(mk)
-    from sdetr.detector.transformer import valid_ratio
+    from sdetr.detector.transformer.deformable_transformer import valid_ratio
 
     valid_ratios = torch.stack([valid_ratio(mk) for mk in masks], 1)
     padding = torch.cat([mk.flatten(1) for mk in masks], 1)

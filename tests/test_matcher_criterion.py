@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdetr.detector.build import build_criterion
 from sdetr.detector.config import LossConfig, ModelConfig
-from sdetr.detector.criterion import SetCriterion, build_criterion, build_weight_dict, drop_crowd
-from sdetr.detector.matcher import HungarianMatcher, build_matcher
-from sdetr.detector.postprocess import PostProcess
+from sdetr.detector.evaluation.postprocess import PostProcess
+from sdetr.detector.losses.criterion import SetCriterion, build_weight_dict, drop_crowd
+from sdetr.detector.losses.matcher import HungarianMatcher, build_matcher
 
 
 def _boxes(n: int) -> torch.Tensor:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdetr.detector.detr import build_model
+from sdetr.detector.build import build_model
 from sdetr.detector.errors import ConfigError
 from sdetr.detector.presets import get_preset, preset_names
-from sdetr.detector.transformer import DeformableTransformer
+from sdetr.detector.transformer.deformable_transformer import DeformableTransformer
 
 
 def padded_batch(sizes, seed=0):
@@ -71,7 +71,7 @@ def tiny_transformer(rho: float) -> DeformableTransformer:
         rho=rho,
     )
     # The two-stage head normally comes from the detector; a small one suffices here.
-    from sdetr.detector.detr import MLP
+    from sdetr.detector.layers.common import MLP
 
     t.decoder.class_embed = torch.nn.ModuleList([torch.nn.Linear(32, 3) for _ in range(2)])
     t.decoder.bbox_embed = torch.nn.ModuleList([MLP(32, 32, 4, 3) for _ in range(2)])

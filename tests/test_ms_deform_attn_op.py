@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdetr.detector import ops
-from sdetr.detector.ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch
+from sdetr.detector.layers.ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -72,7 +72,7 @@ def op():
     """Builds/loads the compiled op once per session."""
     if os.environ.get(ops.BACKEND_ENV, "auto").lower() == "pytorch":
         pytest.skip(f"{ops.BACKEND_ENV}=pytorch")
-    state = ops._load(force=True)
+    state = ops.load(force=True)
     if not state.loaded:
         missing = "no C++ compiler" in state.reason or "ninja is not installed" in state.reason
         if missing and _toolchain_missing_ok():
@@ -83,7 +83,7 @@ def op():
 
 @pytest.fixture(scope="session")
 def cuda_op(op):
-    if not ops._load().cuda:
+    if not ops.load().cuda:
         reason = ops.backend_status(load=False)["cuda_reason"]
         if "nvcc not found" in reason and _toolchain_missing_ok():
             pytest.skip(f"compiled op has no CUDA kernels: {reason}")
@@ -291,7 +291,7 @@ def test_fallback_without_compiler(tmp_path):
         """
         import os, warnings, torch
         from sdetr.detector import ops
-        from sdetr.detector.ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch
+        from sdetr.detector.layers.ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch
         from sdetr.platform.doctor import main_doctor
         ss = torch.tensor([[3, 4], [2, 2]]); lsi = torch.tensor([0, 12])
         args = (torch.randn(1, 16, 2, 4), ss, lsi, torch.rand(1, 5, 2, 2, 2, 2), torch.rand(1, 5, 2, 2, 2))

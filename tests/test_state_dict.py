@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torchvision
 
+from sdetr.detector.build import build_model, count_parameters
 from sdetr.detector.config import ModelConfig
-from sdetr.detector.detr import build_model, count_parameters
 from sdetr.detector.presets import get_preset
 
 D, FFN, LEVELS, HEADS, POINTS, QUERIES, CLASSES = 256, 1024, 4, 8, 4, 300, 91

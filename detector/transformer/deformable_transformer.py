@@ -12,11 +12,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sdetr.detector.decoder import DeformableDecoder, DeformableDecoderLayer
-from sdetr.detector.encoder import DeformableEncoder, DeformableEncoderLayer, gather_tokens
-from sdetr.detector.kda import KeyAwareDeformAttn
-from sdetr.detector.ms_deform_attn import MSDeformAttn
-from sdetr.detector.scoring import ScoringNetwork
+from sdetr.detector.layers.kda import KeyAwareDeformAttn
+from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
+from sdetr.detector.transformer.decoder import DeformableDecoder, DeformableDecoderLayer
+from sdetr.detector.transformer.encoder import DeformableEncoder, DeformableEncoderLayer, gather_tokens
+from sdetr.detector.transformer.scoring import ScoringNetwork
 
 
 def valid_ratio(mask: Tensor) -> Tensor:

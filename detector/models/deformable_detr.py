@@ -2,8 +2,7 @@
 
 One class covers Deformable DETR (± box refinement, ± two-stage), Efficient DETR (top-k queries,
 class-specific proposal head), Sparse DETR (ρ, scoring network, encoder auxiliary heads) and Lite DETR
-(the interleaved encoder of lite_encoder.py). `build_model` also builds the baselines of other
-families (``model.arch``): DETR (detr_baseline.py) and Faster R-CNN + FPN (faster_rcnn.py). Head
+(the interleaved encoder of transformer/lite_encoder.py); detector/build.py builds it from a config. Head
 lists and their aliases under `transformer.decoder` / `transformer.encoder` are laid out exactly as in
 the official code, so official checkpoints load with ``strict=True``.
 """
@@ -17,29 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdetr.detector.backbone import build_backbone
-from sdetr.detector.config import ModelConfig
-from sdetr.detector.decoder import inverse_sigmoid
 from sdetr.detector.errors import ConfigError
-from sdetr.detector.lite_encoder import LiteEncoder, parse_lite_layout
-from sdetr.detector.transformer import DeformableTransformer
-
-ARCHS = ("deformable_detr", "detr", "faster_rcnn")
-ENCODERS = ("deformable", "lite")
-
-
-class MLP(nn.Module):
-    """A plain multi-layer perceptron with ReLUs (DETR's box head)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip([input_dim] + dims, dims + [output_dim]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
-        return x
+from sdetr.detector.layers.common import MLP, inverse_sigmoid
+from sdetr.detector.transformer.deformable_transformer import DeformableTransformer
 
 
 class SparseDETR(nn.Module):
@@ -195,140 +174,3 @@ class SparseDETR(nn.Module):
             if key in t:
                 out[key] = t[key]
         return out
-
-
-def validate_model_config(cfg: ModelConfig) -> None:
-    def bad(msg: str) -> ConfigError:
-        return ConfigError(f"model config: {msg}")
-
-    if cfg.arch not in ARCHS:
-        raise bad(f"arch {cfg.arch!r} is not one of {', '.join(ARCHS)}")
-    if cfg.encoder not in ENCODERS:
-        raise bad(f"encoder {cfg.encoder!r} is not one of {', '.join(ENCODERS)}")
-    if cfg.arch != "deformable_detr":
-        # The Deformable DETR family's options mean nothing to DETR and Faster R-CNN: refuse them.
-        flags = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
-        for flag in (*flags, "use_kda"):
-            if getattr(cfg, flag):
-                raise bad(f"{flag}=true applies to arch=deformable_detr only (arch is {cfg.arch})")
-        if cfg.rho > 0 or cfg.encoder != "deformable":
-            raise bad(f"rho and encoder=lite apply to arch=deformable_detr only (arch is {cfg.arch})")
-        if cfg.hidden_dim < 1 or cfg.num_classes < 1 or cfg.num_queries < 1:
-            raise bad("hidden_dim, num_classes and num_queries must be >= 1")
-        if cfg.arch == "detr":
-            if cfg.hidden_dim % cfg.nheads != 0:
-                raise bad(f"hidden_dim ({cfg.hidden_dim}) must be divisible by nheads ({cfg.nheads})")
-            if cfg.enc_layers < 0 or cfg.dec_layers < 1:
-                raise bad("DETR needs enc_layers >= 0 and dec_layers >= 1")
-        elif not cfg.backbone.startswith("resnet") or cfg.dilation:
-            raise bad(f"arch=faster_rcnn needs an undilated ResNet backbone, got {cfg.backbone}")
-        return
-    if cfg.encoder == "lite":
-        layout = parse_lite_layout(cfg.lite_layout)
-        if layout.num_levels != cfg.num_feature_levels:
-            raise bad(
-                f"lite_layout {cfg.lite_layout} uses {layout.num_levels} levels (H + L) but "
-                f"num_feature_levels is {cfg.num_feature_levels}"
-            )
-        if cfg.rho > 0 or cfg.use_enc_aux_loss:
-            raise bad("encoder=lite does not combine with Sparse DETR's rho > 0 or use_enc_aux_loss")
-        if cfg.lite_low_ffn_dim < 0:
-            raise bad(f"lite_low_ffn_dim must be >= 0 (0 = dim_feedforward), got {cfg.lite_low_ffn_dim}")
-    elif cfg.use_kda:
-        raise bad("use_kda=true needs encoder=lite (key-aware attention is part of the Lite DETR encoder)")
-    if not 0.0 <= cfg.rho <= 1.0:
-        raise bad(f"rho must be in [0, 1] (0 = dense encoder), got {cfg.rho}")
-    if cfg.rho > 0 and not cfg.two_stage:
-        raise bad(
-            "rho > 0 (Sparse DETR) needs two_stage=true: the scoring network reads the two-stage projection"
-        )
-    for flag in ("eff_query_init", "eff_specific_head"):
-        if getattr(cfg, flag) and not cfg.two_stage:
-            raise bad(f"{flag}=true needs two_stage=true")
-    if cfg.hidden_dim % 32 != 0:
-        raise bad(
-            "hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), "
-            f"got {cfg.hidden_dim}"
-        )
-    if cfg.hidden_dim % cfg.nheads != 0:
-        raise bad(f"hidden_dim ({cfg.hidden_dim}) must be divisible by nheads ({cfg.nheads})")
-    if cfg.num_feature_levels < 3:
-        raise bad(f"num_feature_levels must be >= 3 (C3-C5 plus extra levels), got {cfg.num_feature_levels}")
-    if cfg.enc_layers < 1 or cfg.dec_layers < 1:
-        raise bad("enc_layers and dec_layers must be >= 1")
-    if cfg.num_classes < 1 or cfg.num_queries < 1:
-        raise bad("num_classes and num_queries must be >= 1")
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The detector ``cfg`` describes. Every arch is called as ``model(images, masks)``; see
-    `SparseDETR.forward`, `sdetr.detector.detr_baseline.DETR` and `sdetr.detector.faster_rcnn`."""
-    validate_model_config(cfg)
-    if cfg.arch == "detr":
-        from sdetr.detector.detr_baseline import build_detr
-
-        return build_detr(cfg)
-    if cfg.arch == "faster_rcnn":
-        from sdetr.detector.faster_rcnn import build_faster_rcnn
-
-        return build_faster_rcnn(cfg)
-    backbone = build_backbone(cfg)
-    encoder = None
-    if cfg.encoder == "lite":
-        encoder = LiteEncoder(
-            cfg.lite_layout,
-            d_model=cfg.hidden_dim,
-            d_ffn=cfg.dim_feedforward,
-            dropout=cfg.dropout,
-            activation="relu",
-            n_levels=cfg.num_feature_levels,
-            n_heads=cfg.nheads,
-            n_points=cfg.enc_n_points,
-            use_kda=cfg.use_kda,
-            low_ffn_dim=cfg.lite_low_ffn_dim,
-        )
-    transformer = DeformableTransformer(
-        d_model=cfg.hidden_dim,
-        nhead=cfg.nheads,
-        num_encoder_layers=cfg.enc_layers,
-        num_decoder_layers=cfg.dec_layers,
-        dim_feedforward=cfg.dim_feedforward,
-        dropout=cfg.dropout,
-        activation="relu",
-        num_feature_levels=cfg.num_feature_levels,
-        dec_n_points=cfg.dec_n_points,
-        enc_n_points=cfg.enc_n_points,
-        two_stage=cfg.two_stage,
-        two_stage_num_proposals=cfg.num_queries,
-        eff_query_init=cfg.eff_query_init,
-        eff_specific_head=cfg.eff_specific_head,
-        rho=cfg.rho,
-        use_enc_aux_loss=cfg.use_enc_aux_loss,
-        encoder=encoder,
-    )
-    return SparseDETR(
-        backbone,
-        transformer,
-        num_classes=cfg.num_classes,
-        num_queries=cfg.num_queries,
-        num_feature_levels=cfg.num_feature_levels,
-        aux_loss=cfg.aux_loss,
-        with_box_refine=cfg.with_box_refine,
-        two_stage=cfg.two_stage,
-        use_enc_aux_loss=cfg.use_enc_aux_loss,
-    )
-
-
-def count_parameters(
-    model: nn.Module, trainable_only: bool = True, include_enc_aux_heads: bool = True
-) -> int:
-    """Unique parameters (shared heads counted once). The papers count Sparse DETR without the encoder
-    auxiliary heads, which are only used for training. Works for every arch."""
-    skip: set[int] = set()
-    encoder = getattr(getattr(model, "transformer", None), "encoder", None)
-    if not include_enc_aux_heads and getattr(encoder, "aux_heads", False):
-        for lst in (encoder.class_embed, encoder.bbox_embed):
-            skip.update(id(p) for p in lst.parameters())
-    return sum(
-        p.numel() for p in model.parameters() if id(p) not in skip and (p.requires_grad or not trainable_only)
-    )

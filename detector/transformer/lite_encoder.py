@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdetr.detector.encoder import activation_fn, encoder_reference_points
 from sdetr.detector.errors import ConfigError
-from sdetr.detector.kda import KeyAwareDeformAttn
-from sdetr.detector.ms_deform_attn import MSDeformAttn
+from sdetr.detector.layers.common import activation_fn
+from sdetr.detector.layers.kda import KeyAwareDeformAttn
+from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
+from sdetr.detector.transformer.encoder import encoder_reference_points
 
 _LAYOUT = re.compile(r"^H(\d+)L(\d+)-\((\d+)\+1\)[x×](\d+)$")
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from sdetr.detector.config import LossConfig, ModelConfig
-from sdetr.detector.dam import attn_map_to_flat_grid, dam_correlation, dam_loss, dam_target
-from sdetr.detector.matcher import HungarianMatcher, build_matcher, non_crowd
+from sdetr.detector.losses.dam import attn_map_to_flat_grid, dam_correlation, dam_loss, dam_target
+from sdetr.detector.losses.matcher import HungarianMatcher, non_crowd
 
 Targets = list[dict[str, Tensor]]
 Indices = list[tuple[Tensor, Tensor]]
@@ -269,29 +269,3 @@ def build_weight_dict(model_cfg: ModelConfig, loss_cfg: LossConfig) -> dict[str,
     if model_cfg.rho > 0:
         weights["loss_mask_prediction"] = loss_cfg.mask_prediction_coef
     return weights
-
-
-def build_criterion(model_cfg: ModelConfig, loss_cfg: LossConfig) -> nn.Module:
-    """The criterion of ``model_cfg.arch``: this module's `SetCriterion` for the Deformable DETR family,
-    DETR's softmax criterion, or the pass-through of Faster R-CNN's own losses. Each has
-    ``criterion(outputs, targets) -> loss dict`` and ``weighted_total(loss_dict)``."""
-    if model_cfg.arch == "detr":
-        from sdetr.detector.detr_criterion import build_detr_criterion
-
-        return build_detr_criterion(model_cfg, loss_cfg)
-    if model_cfg.arch == "faster_rcnn":
-        from sdetr.detector.faster_rcnn import ModelLossCriterion
-
-        return ModelLossCriterion()
-    losses = ["labels", "boxes", "cardinality", "corr"]
-    if model_cfg.rho > 0:
-        losses.append("mask_prediction")
-    return SetCriterion(
-        num_classes=model_cfg.num_classes,
-        matcher=build_matcher(loss_cfg),
-        weight_dict=build_weight_dict(model_cfg, loss_cfg),
-        losses=losses,
-        focal_alpha=loss_cfg.focal_alpha,
-        focal_gamma=loss_cfg.focal_gamma,
-        eff_specific_head=model_cfg.eff_specific_head,
-    )

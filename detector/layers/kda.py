@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdetr.detector.ms_deform_attn import init_sampling_offsets, sampling_locations
+from sdetr.detector.layers.ms_deform_attn import init_sampling_offsets, sampling_locations
 
 
 def key_aware_deform_attn(

@@ -14,8 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdetr.detector.config import LossConfig, ModelConfig
-from sdetr.detector.criterion import Indices, SetCriterion, Targets, _src_permutation_idx, build_weight_dict
-from sdetr.detector.matcher import HungarianMatcher
+from sdetr.detector.losses.criterion import (
+    Indices,
+    SetCriterion,
+    Targets,
+    _src_permutation_idx,
+    build_weight_dict,
+)
+from sdetr.detector.losses.matcher import HungarianMatcher
 
 
 class DETRMatcher(HungarianMatcher):

@@ -8,14 +8,10 @@ strictly: ``patch_embed.{proj,norm}``, ``layers.N.blocks.M.{norm1,attn,norm2,mlp
 Like the official code, a feature map whose size is not a multiple of the window is padded with zeros
 (after ``norm1``) to the next multiple; those padded tokens, and the tokens of the batch's image
 padding, take part in attention like real ones. Only the cyclic shift is masked.
-
-`translate_torchvision_swin` maps torchvision's ``swin_t`` state_dict (for its ImageNet weights) onto
-these names.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -390,45 +386,3 @@ def swin_t(
         out_indices=out_indices,
         frozen_stages=frozen_stages,
     )
-
-
-# torchvision's SwinTransformer.features is [patch embedding, stage 0, merge 0, stage 1, merge 1, ...].
-_TV_MLP = {"0": "fc1", "3": "fc2"}
-
-
-def translate_torchvision_swin(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a torchvision ``swin_t/s/b`` state_dict to the official detection Swin names.
-
-    The classification head (``head.*``) and final ``norm.*`` have no counterpart and are dropped; the
-    detection output norms ``norm1..3`` are therefore absent (the official ImageNet loading leaves them
-    freshly initialised too). ``relative_position_index`` is stored flat by torchvision and reshaped.
-    Keys that match no known pattern are kept unchanged so that the loader can report them.
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith(("head.", "norm.")):
-            continue
-        new = _translate_tv_key(key)
-        if new.endswith("relative_position_index") and value.dim() == 1:
-            n = int(round(value.numel() ** 0.5))
-            value = value.view(n, n)
-        out[new] = value
-    return out
-
-
-def _translate_tv_key(key: str) -> str:
-    m = re.fullmatch(r"features\.0\.(0|2)\.(\w+)", key)
-    if m:
-        return f"patch_embed.{'proj' if m[1] == '0' else 'norm'}.{m[2]}"
-    m = re.fullmatch(r"features\.(\d+)\.(.+)", key)
-    if not m:
-        return key
-    index, rest = int(m[1]), m[2]
-    stage = (index - 1) // 2
-    if index % 2 == 0:  # a PatchMerging: same inner names
-        return f"layers.{stage}.downsample.{rest}"
-    block, sub = rest.split(".", 1)
-    mlp = re.fullmatch(r"mlp\.(\d+)\.(\w+)", sub)
-    if mlp and mlp[1] in _TV_MLP:
-        sub = f"mlp.{_TV_MLP[mlp[1]]}.{mlp[2]}"
-    return f"layers.{stage}.blocks.{block}.{sub}"

@@ -7,25 +7,11 @@ and the updated rows are scattered back into the full token tensor after each la
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdetr.detector.ms_deform_attn import MSDeformAttn
-
-
-def clones(module: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
-
-def activation_fn(name: str):
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    raise ValueError(f"unknown activation {name!r} (relu or gelu)")
+from sdetr.detector.layers.common import activation_fn, clones
+from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
 
 
 class DeformableEncoderLayer(nn.Module):

@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdetr.detector.encoder import activation_fn, clones
-from sdetr.detector.ms_deform_attn import MSDeformAttn
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+from sdetr.detector.layers.common import activation_fn, clones, inverse_sigmoid
+from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
 
 
 class DeformableDecoderLayer(nn.Module):

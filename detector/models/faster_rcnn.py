@@ -24,14 +24,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from sdetr.detector.backbone import (
-    FrozenBatchNorm2d,
+from sdetr.detector.backbones.resnet import FrozenBatchNorm2d
+from sdetr.detector.backbones.weights import (
     load_backbone_weights,
     load_imagenet_state_dict,
     read_backbone_weights,
 )
 from sdetr.detector.config import ModelConfig
-from sdetr.detector.criterion import drop_crowd
+from sdetr.detector.losses.criterion import drop_crowd
 
 # torchvision's loss names.
 RCNN_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")

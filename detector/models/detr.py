@@ -5,25 +5,18 @@ C5 tokens, 6 decoder layers over 100 learned queries) → a softmax classifier w
 a 3-layer box MLP applied to every decoder layer's (LayerNorm-ed) output. Module names follow the
 official code (``backbone.0.body``, ``input_proj``, ``query_embed``, ``transformer.encoder.layers.i``,
 ``transformer.decoder.layers.i.multihead_attn``, ``transformer.decoder.norm``, ``class_embed``,
-``bbox_embed``), so an official checkpoint's keys match. Its losses are in detr_criterion.py.
+``bbox_embed``), so an official checkpoint's keys match. Its losses are in losses/detr_criterion.py.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
-from sdetr.detector.backbone import build_backbone
+from sdetr.detector.backbones.backbone import build_backbone
 from sdetr.detector.config import ModelConfig
-from sdetr.detector.detr import MLP
-from sdetr.detector.encoder import activation_fn
-from sdetr.detector.position_encoding import PositionEmbeddingSine
-
-
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+from sdetr.detector.layers.common import MLP, activation_fn, clones
+from sdetr.detector.layers.position_encoding import PositionEmbeddingSine
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -90,7 +83,7 @@ class TransformerDecoderLayer(nn.Module):
 class TransformerEncoder(nn.Module):
     def __init__(self, layer: TransformerEncoderLayer, num_layers: int):
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
 
     def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor) -> Tensor:
@@ -104,7 +97,7 @@ class TransformerDecoder(nn.Module):
 
     def __init__(self, layer: TransformerDecoderLayer, num_layers: int, d_model: int):
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
         self.norm = nn.LayerNorm(d_model)
 
