@@ -7,7 +7,9 @@ Layout (the official one)::
     ROOT/annotations/instances_train2017.json
     ROOT/annotations/instances_val2017.json
 
-As DETR: labels are the raw COCO category ids (no remapping, so ``num_classes`` = max id + 1), crowd
+Labels come from the data set's `CategoryMap` (data/categories.py): the raw category ids as DETR for COCO
+and other compactly numbered sets (``num_classes`` = max id + 1), contiguous labels 0..K-1 for arbitrary
+ids (e.g. 7, 12, 40 -> 0, 1, 2), mapped back to the ids for evaluation and predictions. Crowd
 annotations are dropped from the training targets (COCOeval still uses them to ignore detections),
 and boxes are converted from xywh to xyxy and clamped to the image.
 
@@ -34,6 +36,7 @@ import torch.utils.data
 from pycocotools.coco import COCO
 
 from sdetr.detector.config import DataConfig
+from sdetr.detector.data.categories import CategoryMap, build_category_map, check_same_categories
 from sdetr.detector.data.transforms import make_transforms
 from sdetr.detector.errors import DataError
 
@@ -214,14 +217,25 @@ class CocoDetection(torch.utils.data.Dataset):
 
     image: FloatTensor[3, H, W] (after ``transforms``; a PIL image when ``transforms`` is None).
     target: ``boxes`` FloatTensor[n, 4] (cxcywh in [0, 1] after `Normalize`, xyxy pixels before),
-    ``labels`` int64[n] (COCO category ids), ``image_id`` int64 scalar, ``orig_size`` and ``size``
+    ``labels`` int64[n] (labels of ``category_map``), ``image_id`` int64 scalar, ``orig_size`` and ``size``
     int64[2] as (h, w) before/after transforms, ``area`` float32[n], ``iscrowd`` int64[n].
 
     ``max_images`` > 0 keeps the first images by id, and restricts ``self.coco`` (the ground truth
     for evaluation) to them so a quick run evaluates on exactly the images it loads.
+
+    ``category_map``: the labels to train on; None builds it from this file (``category_mapping``: auto,
+    raw or contiguous). A validation set passes the training set's map: a category it lacks is a DataError.
     """
 
-    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms=None, max_images: int = 0):
+    def __init__(
+        self,
+        img_folder: str | Path,
+        ann_file: str | Path,
+        transforms=None,
+        max_images: int = 0,
+        category_map: CategoryMap | None = None,
+        category_mapping: str = "auto",
+    ):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         if not self.img_folder.is_dir():
@@ -239,7 +253,12 @@ class CocoDetection(torch.utils.data.Dataset):
             data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep_ids]
         self.coco = coco_from_dict(data)
         self.ids: list[int] = sorted(self.coco.imgs)
-        self.num_categories_max_id: int = max(self.coco.cats, default=0)
+        own = build_category_map(data["categories"], category_mapping, source=str(self.ann_file))
+        if category_map is not None:
+            check_same_categories(category_map, own, "the training set", str(self.ann_file))
+        self.category_map: CategoryMap = category_map or own
+        # The largest label (the raw id in raw mode): `platform/train.py` checks it against num_classes.
+        self.num_categories_max_id: int = max(self.category_map.num_classes - 1, 0)
         self.transforms = transforms
         self._warned_size = False
 
@@ -268,23 +287,37 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         image_id = self.ids[index]
         image = self.load_image(image_id)
-        target = prepare_target(image_id, self.coco.imgToAnns.get(image_id, []), image.width, image.height)
+        target = prepare_target(
+            image_id, self.coco.imgToAnns.get(image_id, []), image.width, image.height, self.category_map
+        )
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 
 
-def prepare_target(image_id: int, annotations: list[dict[str, Any]], width: int, height: int) -> dict:
-    """COCO annotations of one image -> DETR target with xyxy pixel boxes clamped to the image."""
+def prepare_target(
+    image_id: int,
+    annotations: list[dict[str, Any]],
+    width: int,
+    height: int,
+    category_map: CategoryMap | None = None,
+) -> dict:
+    """COCO annotations of one image -> DETR target with xyxy pixel boxes clamped to the image; labels
+    through ``category_map`` (None: the raw ids)."""
     anns = [a for a in annotations if not a.get("iscrowd", 0)]
     boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     boxes[:, 0::2].clamp_(min=0, max=width)
     boxes[:, 1::2].clamp_(min=0, max=height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    category_ids = [a["category_id"] for a in anns]
+    if category_map is None:
+        labels = torch.tensor(category_ids, dtype=torch.int64)
+    else:
+        labels = category_map.labels(category_ids).reshape(-1)
     return {
         "boxes": boxes[keep],
-        "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[keep],
+        "labels": labels[keep],
         "image_id": torch.tensor(image_id, dtype=torch.int64),
         "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32)[keep],
         "iscrowd": torch.zeros(len(anns), dtype=torch.int64)[keep],
@@ -299,8 +332,11 @@ def split_paths(root: str | Path, split_folder: str) -> tuple[Path, Path]:
     return root / split_folder, root / "annotations" / f"instances_{split_folder}.json"
 
 
-def build_dataset(split: str, cfg: DataConfig) -> CocoDetection:
-    """The "train" or "val" split of ``cfg.root`` with DETR's transforms for that split."""
+def build_dataset(
+    split: str, cfg: DataConfig, category_map: CategoryMap | None = None, category_mapping: str = "auto"
+) -> CocoDetection:
+    """The "train" or "val" split of ``cfg.root`` with DETR's transforms for that split; pass the
+    training set's ``category_map`` to the val split so both label the categories alike."""
     if split not in ("train", "val"):
         raise DataError(f"unknown split {split!r}; expected 'train' or 'val'")
     root = Path(cfg.root)
@@ -311,4 +347,11 @@ def build_dataset(split: str, cfg: DataConfig) -> CocoDetection:
     img_folder, ann_file = split_paths(root, folder_name)
     if not ann_file.is_file():
         raise DataError(f"annotation file {ann_file} does not exist; {LAYOUT}")
-    return CocoDetection(img_folder, ann_file, make_transforms(split, cfg), max_images=max_images)
+    return CocoDetection(
+        img_folder,
+        ann_file,
+        make_transforms(split, cfg),
+        max_images=max_images,
+        category_map=category_map,
+        category_mapping=category_mapping,
+    )

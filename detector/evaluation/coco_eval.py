@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,17 @@ def _as_list(values: Any) -> list:
     return list(values)
 
 
-def results_to_detections(results: Mapping[Any, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def results_to_detections(
+    results: Mapping[Any, Mapping[str, Any]], label_ids: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """Postprocessed outputs -> COCO result dicts.
 
     Args:
         results: ``{image_id: {"scores": [K], "labels": [K], "boxes": [K, 4]}}`` with boxes as absolute
             ``(x0, y0, x1, y1)`` pixels of the original image (tensors, arrays or lists).
+        label_ids: the data set's category id of each label (``CategoryMap.label_ids``; -1 = a label no
+            category uses): detections are written with the original ids, and those of unused labels are
+            dropped. None: labels are the category ids (DETR's raw COCO labels).
 
     Returns:
         ``[{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}, ...]`` made of
@@ -65,10 +70,15 @@ def results_to_detections(results: Mapping[Any, Mapping[str, Any]]) -> list[dict
         image_id = int(_as_list([image_id])[0]) if not isinstance(image_id, int) else image_id
         scores, labels, boxes = (_as_list(result[k]) for k in ("scores", "labels", "boxes"))
         for score, label, (x0, y0, x1, y1) in zip(scores, labels, boxes):
+            category_id = int(label)
+            if label_ids is not None:
+                category_id = label_ids[category_id] if 0 <= category_id < len(label_ids) else -1
+                if category_id < 0:
+                    continue
             detections.append(
                 {
                     "image_id": int(image_id),
-                    "category_id": int(label),
+                    "category_id": category_id,
                     "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                     "score": float(score),
                 }
@@ -99,7 +109,8 @@ def _quiet():
         fce_logger.setLevel(level)
 
 
-def _run_cocoeval(gt_dict: dict, detections: list[dict], image_ids: list[int], backend: str) -> np.ndarray:
+def _run_cocoeval(gt_dict: dict, detections: list[dict], image_ids: list[int], backend: str):
+    """The evaluator after evaluate / accumulate / summarize."""
     if backend == "faster_coco_eval":
         from faster_coco_eval import COCO, COCOeval_faster
 
@@ -119,7 +130,7 @@ def _run_cocoeval(gt_dict: dict, detections: list[dict], image_ids: list[int], b
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    return np.asarray(evaluator.stats[: len(METRIC_NAMES)], dtype=np.float64)
+    return evaluator
 
 
 def evaluate_detections(
@@ -163,5 +174,33 @@ def evaluate_detections(
     if not dets or not ids:
         return dict.fromkeys(METRIC_NAMES, 0.0)
     with _quiet():
-        stats = _run_cocoeval(gt_dict, dets, ids, backend)
+        stats = _run_cocoeval(gt_dict, dets, ids, backend).stats
     return {name: float(max(value, 0.0)) for name, value in zip(METRIC_NAMES, stats)}
+
+
+def per_category_ap(
+    coco_gt: Any, detections: Iterable[Mapping[str, Any]], backend: str = "auto"
+) -> dict[int, float]:
+    """COCO AP (IoU 0.50:0.95, all areas, 100 detections) of each ground-truth category, keyed by its
+    category id as the data set spells it; -1 for a category without ground truth. A detection whose
+    category id is not in the ground truth is a DataError (labels not mapped back to the ids)."""
+    backend = resolve_backend(backend)
+    gt_dict = _dataset_dict(coco_gt)
+    cat_ids = sorted(int(c["id"]) for c in gt_dict.get("categories", []))
+    dets = [dict(d, bbox=[float(v) for v in d["bbox"]]) for d in detections]
+    unknown = sorted({int(d["category_id"]) for d in dets} - set(cat_ids))
+    if unknown:
+        raise DataError(
+            f"detections with category ids {unknown[:10]} not in the ground truth (ids {cat_ids[:20]})"
+        )
+    if not dets:
+        return dict.fromkeys(cat_ids, 0.0)
+    with _quiet():
+        evaluator = _run_cocoeval(gt_dict, dets, sorted(img["id"] for img in gt_dict["images"]), backend)
+    # precision: [IoU thresholds, recall points, categories (params.catIds order), areas, max dets]
+    precision = np.asarray(evaluator.eval["precision"])[:, :, :, 0, -1]
+    out = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k]
+        out[int(cat_id)] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    return out
