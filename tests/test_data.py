@@ -213,7 +213,8 @@ def test_dataset_item_contract(synth_root):
 
 def test_dataset_drops_crowd_and_converts_boxes(tmp_path):
     write_mini_coco(tmp_path)
-    ds = CocoDetection(tmp_path / "train2017", ann_path(tmp_path), transforms=None)
+    # Raw ids (DETR's labels); with "auto" the ids 1 and 7 would become the contiguous labels 0 and 1.
+    ds = CocoDetection(tmp_path / "train2017", ann_path(tmp_path), transforms=None, category_mapping="raw")
     _, target = ds[0]  # image 1: one plain box, one crowd box
     assert target["boxes"].tolist() == [[10.0, 10.0, 40.0, 30.0]]  # xywh -> xyxy
     assert target["labels"].tolist() == [1] and target["iscrowd"].tolist() == [0]
