@@ -4,6 +4,8 @@ objectives), which trials may compete, and the CSV / PNG / HTML artifacts."""
 from __future__ import annotations
 
 import csv
+import html
+import json
 import math
 import random
 from html.parser import HTMLParser
@@ -12,6 +14,7 @@ import pytest
 
 from sdetr.detector.errors import ConfigError, DataError
 from sdetr.platform import pareto
+from sdetr.platform.layout import OBJECTIVES
 from sdetr.platform.pareto import ParetoPoint, label_for, mark_front, pareto_mask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -112,7 +115,7 @@ def test_three_mixed_objectives_match_brute_force_on_random_points():
     assert n_front_total > 40  # the check exercised real fronts, not only empty ones
     # And the 2-objective default agrees with the brute force on continuous values.
     pts = [{"AP": rng.random(), "gflops": rng.random() * 200} for _ in range(60)]
-    assert pareto_mask(pts) == _brute_force_front(pts, pareto.OBJECTIVES_DEFAULT)
+    assert pareto_mask(pts) == _brute_force_front(pts, OBJECTIVES)
 
 
 def test_labels():
@@ -270,12 +273,39 @@ class _Collect(HTMLParser):
         super().__init__()
         self.tags: list[tuple[str, dict[str, str | None]]] = []
         self.text: list[str] = []
+        self._in_script = False
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
 
     def handle_data(self, data):
-        self.text.append(data)
+        if not self._in_script:
+            self.text.append(data)
+
+
+def _plotly_figure(page: str) -> tuple[list[dict], dict]:
+    """The traces and the layout the page hands to ``Plotly.newPlot(div_id, data, layout, config)``."""
+    decoder = json.JSONDecoder()
+    calls = page.split("Plotly.newPlot(")
+    assert len(calls) == 2, "expected exactly one Plotly.newPlot call"
+    args, i = [], 0
+    text = calls[1]
+    for _ in range(3):
+        while text[i] in " \n\t,":
+            i += 1
+        value, i = decoder.raw_decode(text, i)
+        args.append(value)
+    div_id, data, layout = args
+    assert f'id="{div_id}"' in page
+    return data, layout
+
+
+def _xy(trace) -> list[tuple[float, float]]:
+    return list(zip(trace["x"], trace["y"]))
 
 
 def test_html_is_self_contained_escaped_and_marks_the_front(tmp_path):
@@ -284,41 +314,81 @@ def test_html_is_self_contained_escaped_and_marks_the_front(tmp_path):
     page = path.read_text(encoding="utf-8")
     assert [f.name for f in tmp_path.iterdir()] == ["front.html"]
     assert page.startswith("<!DOCTYPE html>")
-    assert "http://" not in page and "https://" not in page
     parsed = _Collect()
     parsed.feed(page)
     tags = [t for t, _ in parsed.tags]
-    assert "svg" in tags and "table" in tags and "script" in tags
-    assert not any(t == "link" or (t == "script" and a.get("src")) or (t == "img") for t, a in parsed.tags)
-    # Every label appears as escaped text (never as markup), in the plot and in the table.
-    assert "<b>" not in page and "odd &lt;b&gt;&quot;&amp;" in page
-    assert "Sweep &lt;A&amp;B&gt;" in page and "<A&B>" not in page
+    assert "table" in tags and "script" in tags
+    # Self-contained: no external script, style, image or font; plotly.js itself is inlined.
+    assert not any(t in ("link", "img", "iframe") or (t == "script" and a.get("src")) for t, a in parsed.tags)
+    assert "@import" not in page and len(page) > 1_000_000
+
+    data, layout = _plotly_figure(page)
+    assert layout["title"]["text"] == "Sweep &lt;A&amp;B&gt;"  # plotly shows the entities as characters
+    assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == ("GFLOPs", "AP")
+    step = [t for t in data if t.get("line", {}).get("shape") == "hv"]
+    assert len(step) == 1 and step[0]["mode"] == "lines"
+    front = sorted((p.gflops, p.AP) for p in pts if p.on_front)
+    assert _xy(step[0]) == [*front, (177.3, front[-1][1])]  # the corners, then on to the costliest point
+    # Every point with AP and GFLOPs is drawn once, with its escaped label and its hover fields.
+    points = [t for t in data if "customdata" in t]
+    drawn = {}
+    for t in points:
+        for xy, label, cd, sym in zip(_xy(t), t["text"], t["customdata"], t["marker"]["symbol"]):
+            drawn[label, xy] = (t["name"], cd, sym, t["mode"])
+    assert len(drawn) == sum(len(t["x"]) for t in points) == sum(p.plottable() for p in pts) == 8
+    for p in pts:
+        if not p.plottable():
+            continue
+        name, cd, sym, mode = drawn[html.escape(p.label, quote=False), (p.gflops, p.AP)]
+        assert cd[0] == html.escape(p.label, quote=False)
+        assert cd[1] == (
+            "on the Pareto front" if p.on_front else "dominated" if p.eligible else "not finished"
+        )
+        assert cd[9:12] == [p.status, p.source, p.trial_id]
+        assert sym == ("diamond" if p.source == "dynamic_rho" else "circle")
+        if p.source == "dynamic_rho":
+            assert name == "dynamic ρ (one checkpoint): trial t2" and mode == "lines+markers+text"
+        else:
+            expected = (
+                "Pareto front" if p.on_front else "dominated" if p.eligible else "error / stopped early"
+            )
+            assert name == expected and mode == "markers+text"
+    assert ('odd &lt;b&gt;"&amp;', (100.0, 0.3)) in drawn
+    deformable = drawn["deformable R50", (172.9, 0.46)][1]
+    assert deformable[2:9] == ["0.460", "172.9", "-", "39.8", "-", "resnet50", "r50_deformable_detr"]
+    assert deformable[13] == "<br>epochs: 50<br>lr: 0.0002"
+    assert all(t["hovertemplate"].count("customdata") == 14 for t in points)
+    # Unfinished trials are hollow (transparent fill, grey edge).
+    hollow = next(t for t in points if t["name"] == "error / stopped early")
+    assert set(hollow["marker"]["color"]) == {"rgba(0,0,0,0)"}
+
+    # The table lists every point (also the one without AP), front members marked, labels escaped.
+    rows = [a for t, a in parsed.tags if t == "tr" and "data-front" in a]
+    assert len(rows) == len(pts)
+    assert [a["data-front"] for a in rows] == ["1"] * 5 + ["0"] * 4  # front first
+    assert all(("front" in a["class"].split()) == (a["data-front"] == "1") for a in rows)
     text = "".join(parsed.text)
     for p in pts:
-        assert text.count(p.label) >= (2 if p.plottable() else 1), p.label
-    # Front members are marked, in the table rows and in the SVG points.
-    rows = [a for t, a in parsed.tags if t == "tr" and "data-idx" in a]
-    assert len(rows) == len(pts)
-    for a in rows:
-        p = pts[int(a["data-idx"])]
-        assert a["data-front"] == ("1" if p.on_front else "0")
-        assert ("front" in a["class"].split()) == p.on_front
-    marks = {a["id"]: a for t, a in parsed.tags if t == "g" and a.get("id", "").startswith("pt-")}
-    assert len(marks) == sum(p.plottable() for p in pts)  # the point without AP is only in the table
-    for key, a in marks.items():
-        assert a["data-front"] == ("1" if pts[int(key[3:])].on_front else "0")
-    # Hover tooltips carry every field.
-    assert "<title>deformable R50\non the Pareto front\nAP: 0.46\ngflops: 172.9" in page
-    assert "trial_id: t3" in page and "lr: 0.0002" in page and "run_id: r1" in page
-    assert page.count('class="front-line"') == 1 and page.count('class="dyn-line"') == 1
+        assert p.label in text, p.label
+    assert "<b>" not in page.split("<table", 1)[1] and "odd &lt;b&gt;&quot;&amp;" in page
+    assert "<h1>Sweep &lt;A&amp;B&gt;</h1>" in page and "1 point without AP or GFLOPs not shown" in text
 
 
 def test_html_without_points_and_write_all(tmp_path):
     page = pareto.write_html([], tmp_path / "e.html").read_text(encoding="utf-8")
-    assert "No trials" in page and "<svg" not in page
+    assert "No trials" in page and "Plotly" not in page and len(page) < 10_000
+    # Points but none with AP and GFLOPs: an empty plot that says so.
+    page = pareto.write_html([ParetoPoint("no ap", None, 3.0)], tmp_path / "n.html").read_text("utf-8")
+    data, layout = _plotly_figure(page)
+    assert data == [] and layout["annotations"][0]["text"] == "no points with AP and GFLOPs"
     pts = _sample_points()
     for p in pts:
         p.on_front = False
     out = pareto.write_all(pts, tmp_path / "arts", title="t")
     assert sorted(out) == ["csv", "html", "png"] and all(p.is_file() for p in out.values())
+    assert sorted(f.name for f in (tmp_path / "arts").iterdir()) == [
+        "pareto.csv",
+        "pareto.html",
+        "pareto.png",
+    ]
     assert sum(p.on_front for p in pts) == 5  # write_all marks the front itself

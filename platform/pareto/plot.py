@@ -1,0 +1,111 @@
+"""The Pareto plot as a PNG (AP against GFLOPs), and the visual encoding that the HTML page shares with it:
+shape = where the point comes from (circle: a trial, diamond: one ρ of a dynamically sparsified
+checkpoint), fill = front member (dark), finished but dominated (light), not finished (hollow grey).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from sdetr.platform.pareto.front import ParetoPoint, dynamic_curves, front_steps
+
+BLUE, LIGHT_BLUE, GREEN, LIGHT_GREEN, GREY = "#1f77b4", "#9ecae1", "#2ca02c", "#a1d99b", "#888888"
+DYNAMIC_RHO_LEGEND = "dynamic ρ (one checkpoint)"
+
+
+def point_style(p: ParetoPoint) -> tuple[str, str, str]:
+    """(fill, edge, kind) where kind is 'front', 'off' (finished, dominated) or 'out' (not finished)."""
+    dark, light = (GREEN, LIGHT_GREEN) if p.source == "dynamic_rho" else (BLUE, LIGHT_BLUE)
+    if p.on_front:
+        return dark, "#000000", "front"
+    if p.eligible:
+        return light, dark, "off"
+    return "none", GREY, "out"
+
+
+def unfinished_legend(points: Sequence[ParetoPoint]) -> str:
+    """The legend entry of the hollow points, naming the statuses present (``stopped early / error``)."""
+    return " / ".join(sorted({p.status.replace("_", " ") for p in points if not p.eligible}))
+
+
+def not_shown_note(points: Sequence[ParetoPoint]) -> str:
+    n = sum(not p.plottable() for p in points)
+    return f"{n} point{'s' if n != 1 else ''} without AP or GFLOPs not shown" if n else ""
+
+
+def plot_png(points: Sequence[ParetoPoint], path: str | Path, title: str = "AP vs GFLOPs") -> Path:
+    """AP against GFLOPs. Front members are filled and joined by a step line (below and right of it is
+    attainable); other finished points are light, unfinished ones hollow grey; dynamic-ρ points are
+    diamonds joined per checkpoint. Every point carries its label.
+
+    Uses matplotlib's Agg canvas directly, not pyplot: no global backend switch in the caller's process
+    and no figure registry to leak from a long-running sweep driver.
+    """
+    # matplotlib takes about a second to import: only the processes that draw pay for it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(8.0, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    shown = [p for p in points if p.plottable()]
+    handles = []
+    for curve in dynamic_curves(shown).values():
+        ax.plot([p.gflops for p in curve], [p.AP for p in curve], color=GREEN, lw=0.8, alpha=0.6, zorder=1)
+    steps = front_steps(shown)
+    if steps:
+        xs = [p.gflops for p in steps] + [max(p.gflops for p in shown)]  # type: ignore[type-var]
+        ys = [p.AP for p in steps] + [steps[-1].AP]
+        ax.step(xs, ys, where="post", color=BLUE, lw=1.2, alpha=0.8, zorder=2)
+        handles.append(
+            Line2D([], [], color=BLUE, lw=1.2, marker="o", mfc=BLUE, mec="k", label="Pareto front")
+        )
+    for p in shown:
+        fill, edge, kind = point_style(p)
+        marker = "D" if p.source == "dynamic_rho" else "o"
+        size = 46 if kind == "front" else 30
+        ax.scatter([p.gflops], [p.AP], s=size, marker=marker, facecolors=fill, edgecolors=edge, zorder=3)
+        ax.annotate(p.label, (p.gflops, p.AP), xytext=(4, 4), textcoords="offset points", fontsize=7,
+                    color="#333333" if kind != "out" else GREY)  # fmt: skip
+    if any(p.eligible and not p.on_front for p in shown):
+        handles.append(Line2D([], [], ls="", marker="o", mfc=LIGHT_BLUE, mec=BLUE, label="dominated"))
+    if unfinished_legend(shown):
+        handles.append(
+            Line2D([], [], ls="", marker="o", mfc="none", mec=GREY, label=unfinished_legend(shown))
+        )
+    if any(p.source == "dynamic_rho" for p in shown):
+        handles.append(Line2D([], [], color=GREEN, lw=0.8, marker="D", mfc=GREEN, label=DYNAMIC_RHO_LEGEND))
+    if not shown:
+        ax.text(0.5, 0.5, "no points with AP and GFLOPs", ha="center", va="center", transform=ax.transAxes)
+    note = not_shown_note(points)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color=GREY)
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.margins(x=0.12, y=0.1)  # room for the labels right of the points
+    ax.set_xlabel("GFLOPs")
+    ax.set_ylabel("AP")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _savefig_atomic(fig, Path(path))
+
+
+def _savefig_atomic(fig, path: Path) -> Path:
+    """Save to a temporary file in the same folder, then rename: a reader (MLflow, a browser) sees the old
+    image or the new one, never half of one. The only binary artifact, hence its own small writer
+    (`sdetr.platform.layout.write_text_atomic` writes text)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")  # labels near the edge stay in the image
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
