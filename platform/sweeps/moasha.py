@@ -364,6 +364,13 @@ class SoundResultsSearcher(Searcher):
     def add_evaluated_point(self, parameters, value, error=False, pruned=False, intermediate_values=None):
         return self.searcher.add_evaluated_point(parameters, value, error, pruned, intermediate_values)
 
+    # Tune checkpoints a wrapper's own state with get_state and the wrapped searcher separately.
+    def get_state(self) -> dict:
+        return {"time_attr": self.time_attr, "max_t": self.max_t, "pruned": sorted(self.pruned)}
+
+    def set_state(self, state: dict) -> None:
+        self.time_attr, self.max_t, self.pruned = state["time_attr"], state["max_t"], set(state["pruned"])
+
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)
 
