@@ -1,4 +1,5 @@
-"""``sdetr eval`` (`sdetr.platform.eval_cli`): one Sparse DETR checkpoint evaluated at several ρ.
+"""``sdetr eval`` (platform/cli/eval.py, platform/evaluation/): one Sparse DETR checkpoint evaluated at
+several ρ, the checkpoint lookup in run folders, and the pyarrow-only shard data set it reads.
 
 A randomly initialised tiny Sparse DETR stands in for a trained one (its AP is ~0, which is fine for
 the plumbing); a spy on `predict` checks that each ρ's detections are scored at that ρ.
@@ -16,12 +17,18 @@ import torch
 
 from sdetr.detector.build import build_model
 from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
+from sdetr.detector.data import build_dataset
 from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.detector.errors import CheckpointError, ConfigError, DataError, SdetrError
 from sdetr.detector.presets import get_preset
-from sdetr.platform import eval_cli, tracking
-from sdetr.platform.eval_cli import add_eval_parser, evaluate_rhos, parse_rhos
-from sdetr.platform.shard import shard_coco
+from sdetr.platform import tracking
+from sdetr.platform.cli.eval import add_eval_parser, parse_flops_input, parse_rhos
+from sdetr.platform.cli.main import main as sdetr_main
+from sdetr.platform.evaluation import dynamic_rho
+from sdetr.platform.evaluation.checkpoints import load_checkpoint, resolve_checkpoint, run_folder_of
+from sdetr.platform.evaluation.dynamic_rho import evaluate_rhos
+from sdetr.platform.shards.dataset import ShardDataset
+from sdetr.platform.shards.writer import shard_coco
 
 PRESET = "tiny_sparse_detr_rho_0.1"
 RHOS = [0.05, 0.1, 0.2, 0.3, 0.5]
@@ -87,10 +94,14 @@ def make_run(tmp_path, trained, uri, trial_tag="t-007"):
     return run_dir, good / "state.pth", tracked
 
 
-def run_cli(argv: list[str]) -> int:
+def eval_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdetr")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *argv])
+    return parser.parse_args(["eval", *argv])
+
+
+def run_cli(argv: list[str]) -> int:
+    args = eval_args(argv)
     return args.func(args)
 
 
@@ -184,12 +195,13 @@ def test_gflops_match_the_cost_model_and_no_mlflow_writes_only_the_file(
     assert record["points"][0]["gflops"] == pytest.approx(on_val, rel=1e-9)
     assert record["points"][0]["gflops_fixed"] == pytest.approx(fixed, rel=1e-9)
     assert fixed != pytest.approx(on_val)
-    assert eval_cli.FIXED_INPUT_HW == FIXED_INPUT_HW
+    # Without --flops-input, the fixed input is the one `sdetr cost` counts by default.
+    assert parse_flops_input(eval_args(["--checkpoint", str(state)]).flops_input) == FIXED_INPUT_HW
 
 
 def test_each_rho_scores_its_own_detections_on_coco_and_shard_folders(tmp_path, trained, synth, monkeypatch):
     from sdetr.detector.data.coco import validate_annotations
-    from sdetr.platform import engine
+    from sdetr.platform.training import engine
 
     gt, _ = validate_annotations(synth / "annotations" / "instances_val2017.json")
     seen_rhos = []
@@ -289,7 +301,7 @@ def test_user_mistakes_are_sdetr_errors_naming_the_path(tmp_path, trained, synth
     assert "(0, 1]" in fails(ConfigError, ckpt, [0.1, 2.0])
 
     # The CLI glue lets them through for `sdetr` to print as one line (exit status 2).
-    assert eval_cli.main(["--checkpoint", str(missing), "--device", "cpu"]) == 2
+    assert sdetr_main(["eval", "--checkpoint", str(missing), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sdetr: error: ") and str(missing) in err[0]
     with pytest.raises(ConfigError, match="'x'"):
@@ -308,11 +320,16 @@ def test_checkpoint_lookup_in_run_folders(tmp_path):
     for epoch in (2, 10):
         save(single / "checkpoints" / f"checkpoint_epoch{epoch:04d}.pth", epoch)
     (single / "config.yaml").write_text("preset: x\n")
-    file, obj = eval_cli.load_checkpoint(single)
-    assert file == (single / "checkpoints" / "checkpoint_epoch0010.pth").resolve() and obj["epoch"] == 10
-    assert eval_cli.run_folder_of(file) == single.resolve()
+    ckpt = load_checkpoint(single)
+    file = ckpt.file
+    assert (
+        file == (single / "checkpoints" / "checkpoint_epoch0010.pth").resolve() and ckpt.state["epoch"] == 10
+    )
+    assert ckpt.run_dir == run_folder_of(file) == single.resolve()
+    assert resolve_checkpoint(single) == (file, single.resolve())
+    assert ckpt.config.preset == PRESET and not ckpt.official
     record = {"run_dir": str(single), "checkpoint": str(file)}
-    assert eval_cli.record_path(record) == single / "dynamic_rho.json"
+    assert dynamic_rho.record_path(record) == single / "dynamic_rho.json"
 
     # Ray: the highest (epoch, step, retry) wins; a checkpoint folder itself is accepted too.
     ray_run = tmp_path / "ray"
@@ -323,15 +340,17 @@ def test_checkpoint_lookup_in_run_folders(tmp_path):
     ]
     for i, name in enumerate(names):
         save(ray_run / name / "state.pth", i)
-    assert eval_cli.load_checkpoint(ray_run)[1]["epoch"] == 1
-    assert eval_cli.load_checkpoint(ray_run / names[0])[1]["epoch"] == 0
+    assert load_checkpoint(ray_run).state["epoch"] == 1
+    assert resolve_checkpoint(ray_run)[0] == (ray_run / names[1] / "state.pth").resolve()
+    assert load_checkpoint(ray_run / names[0]).state["epoch"] == 0
 
     # A loose file outside any run folder: the record goes beside it.
     loose = tmp_path / "loose" / "model.pth"
     save(loose, 0)
-    assert eval_cli.run_folder_of(loose) is None
+    assert run_folder_of(loose) is None and load_checkpoint(loose).run_dir is None
     assert (
-        eval_cli.record_path({"run_dir": "", "checkpoint": str(loose)}) == loose.parent / "dynamic_rho.json"
+        dynamic_rho.record_path({"run_dir": "", "checkpoint": str(loose)})
+        == loose.parent / "dynamic_rho.json"
     )
 
 
@@ -339,9 +358,32 @@ def test_an_unreachable_mlflow_store_is_a_warning_and_never_created(tmp_path):
     missing = tmp_path / "gone" / "mlflow.db"
     record = {"run_id": "abc", "run_dir": str(tmp_path), "tracking_uri": tracking.sqlite_uri(missing)}
     messages = []
-    assert eval_cli._mlflow_run(record, eval_cli._tracking_uri(record, None), log=messages.append) is None
+    uri = dynamic_rho.tracking_uri_of(record, None)
+    assert dynamic_rho.mlflow_run_of(record, uri, log=messages.append) is None
     assert not missing.exists() and "does not exist" in messages[0]
-    assert eval_cli._tracking_uri(record, "none") is None
-    assert eval_cli._tracking_uri(record, str(tmp_path / "other.db")) == tracking.sqlite_uri(
+    assert dynamic_rho.tracking_uri_of(record, "none") is None
+    assert dynamic_rho.tracking_uri_of(record, str(tmp_path / "other.db")) == tracking.sqlite_uri(
         tmp_path / "other.db"
     )
+
+
+def test_shard_dataset_yields_the_coco_folders_items(tmp_path, synth):
+    """A shard folder read with pyarrow alone gives `CocoDetection`'s ids, ground truth and items."""
+    cfg = tiny_config(synth)
+    shards = tmp_path / "shards"
+    shard_coco(synth, shards, shard_size=3, splits=("val",), progress=False)  # 4 images: 2 shard files
+    coco = build_dataset("val", cfg.data)
+    assert len(coco) == 4
+    for max_images in (0, 3):
+        from_shards = ShardDataset(shards, "val", coco.transforms, max_images=max_images)
+        assert from_shards.ids == coco.ids[: max_images or None]
+        assert sorted(from_shards.coco.getAnnIds()) == sorted(coco.coco.getAnnIds(imgIds=from_shards.ids))
+    from_shards = ShardDataset(shards, "val", coco.transforms)
+    for i in (3, 0, 2, 1):  # out of order: crosses shard files both ways
+        (image, target), (want_image, want_target) = from_shards[i], coco[i]
+        assert torch.equal(image, want_image)
+        assert target.keys() == want_target.keys()
+        for key in target:
+            assert torch.equal(target[key], want_target[key]), key
+    with pytest.raises(DataError, match="no split 'train'"):
+        ShardDataset(shards, "train")
