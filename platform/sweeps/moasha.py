@@ -10,8 +10,9 @@ exactly the cheap, less accurate trials the Pareto front is made of. MOASHA (Sch
   ranked among the n trials recorded at that rung so far: fronts of the non-dominated sort in order,
   ties inside a front broken by crowding distance (larger first).
 - It continues iff fewer than ``ceil(n / eta)`` recorded trials rank strictly before it. This is the
-  rank form of Ray's ASHA cutoff (continue iff at least the (1 - 1/eta) quantile of the others), so
-  the two schedulers stop equally many trials and differ only in the ranking. The first trial at a
+  rank form of Ray's ASHA cutoff (continue iff at least the (1 - 1/eta) quantile of the other n - 1;
+  Ray interpolates between two ranks where this counts ranks), so the two schedulers stop about
+  equally many trials and differ in the ranking. The first trial at a
   rung always continues; an exact tie never stops the newcomer. Decisions are final, as in Ray's ASHA.
 
 Why crowding distance and not hypervolume contribution: it needs no reference point (at an early rung
