@@ -18,7 +18,9 @@ from sdetr.detector.models.deformable_detr import SparseDETR
 from sdetr.detector.models.detr import build_detr
 from sdetr.detector.models.faster_rcnn import ModelLossCriterion, build_faster_rcnn
 from sdetr.detector.transformer.deformable_transformer import DeformableTransformer
-from sdetr.detector.transformer.lite_encoder import LiteEncoder, parse_lite_layout
+from sdetr.detector.transformer.lite_encoder import LiteEncoder
+from sdetr.detector.transformer.lite_layout import STRUCTURES, parse_lite_layout
+from sdetr.detector.transformer.lite_paper_encoder import PaperTextLiteEncoder
 
 ARCHS = ("deformable_detr", "detr", "faster_rcnn")
 ENCODERS = ("deformable", "lite")
@@ -35,7 +37,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.arch != "deformable_detr":
         # The Deformable DETR family's options mean nothing to DETR and Faster R-CNN: refuse them.
         flags = ("with_box_refine", "two_stage", "eff_query_init", "eff_specific_head", "use_enc_aux_loss")
-        for flag in (*flags, "use_kda"):
+        for flag in (*flags, "use_kda", "dec_use_kda", "proj_key", "same_loc"):
             if getattr(cfg, flag):
                 raise bad(f"{flag}=true applies to arch=deformable_detr only (arch is {cfg.arch})")
         if cfg.rho > 0 or cfg.encoder != "deformable":
@@ -57,12 +59,23 @@ def validate_model_config(cfg: ModelConfig) -> None:
                 f"lite_layout {cfg.lite_layout} uses {layout.num_levels} levels (H + L) but "
                 f"num_feature_levels is {cfg.num_feature_levels}"
             )
+        if cfg.lite_structure not in STRUCTURES:
+            raise bad(f"lite_structure {cfg.lite_structure!r} is not one of {', '.join(STRUCTURES)}")
         if cfg.rho > 0 or cfg.use_enc_aux_loss:
             raise bad("encoder=lite does not combine with Sparse DETR's rho > 0 or use_enc_aux_loss")
         if cfg.lite_low_ffn_dim < 0:
-            raise bad(f"lite_low_ffn_dim must be >= 0 (0 = dim_feedforward), got {cfg.lite_low_ffn_dim}")
-    elif cfg.use_kda:
-        raise bad("use_kda=true needs encoder=lite (key-aware attention is part of the Lite DETR encoder)")
+            raise bad(
+                f"lite_low_ffn_dim must be >= 0 (0 = the structure's default), got {cfg.lite_low_ffn_dim}"
+            )
+        for flag in ("proj_key", "same_loc"):
+            if getattr(cfg, flag) and not cfg.use_kda:
+                raise bad(
+                    f"{flag}=true is an option of the encoder's key-aware attention: it needs use_kda=true"
+                )
+    else:
+        for flag in ("use_kda", "dec_use_kda", "proj_key", "same_loc"):
+            if getattr(cfg, flag):
+                raise bad(f"{flag}=true needs encoder=lite (key-aware attention is part of Lite DETR)")
     if not 0.0 <= cfg.rho <= 1.0:
         raise bad(f"rho must be in [0, 1] (0 = dense encoder), got {cfg.rho}")
     if cfg.rho > 0 and not cfg.two_stage:
@@ -98,7 +111,13 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     backbone = build_backbone(cfg)
     encoder = None
     if cfg.encoder == "lite":
-        encoder = LiteEncoder(
+        official = cfg.lite_structure == "official"
+        if official:
+            # The released small_expand: the low-level tokens' own FFN, hidden_dim wide by default.
+            low_ffn_dim = (cfg.lite_low_ffn_dim or cfg.hidden_dim) if cfg.small_expand else 0
+        else:
+            low_ffn_dim = cfg.lite_low_ffn_dim
+        encoder = (LiteEncoder if official else PaperTextLiteEncoder)(
             cfg.lite_layout,
             d_model=cfg.hidden_dim,
             d_ffn=cfg.dim_feedforward,
@@ -108,7 +127,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             n_heads=cfg.nheads,
             n_points=cfg.enc_n_points,
             use_kda=cfg.use_kda,
-            low_ffn_dim=cfg.lite_low_ffn_dim,
+            proj_key=cfg.proj_key,
+            same_loc=cfg.same_loc,
+            low_ffn_dim=low_ffn_dim,
         )
     transformer = DeformableTransformer(
         d_model=cfg.hidden_dim,
@@ -128,6 +149,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         rho=cfg.rho,
         use_enc_aux_loss=cfg.use_enc_aux_loss,
         encoder=encoder,
+        dec_use_kda=cfg.dec_use_kda,
     )
     return SparseDETR(
         backbone,

@@ -63,12 +63,28 @@ class ModelConfig:
     # interleaved encoder: `lite_layout` sets its shape and enc_layers is not used).
     encoder: str = "deformable"
     # Lite DETR's name for the interleaved layout: H<high levels>L<low levels>-(<A>+1)x<K>: K blocks, each
-    # updating the high-level (coarsest) tokens A times, then the low-level (finest) tokens once.
+    # updating the high-level (coarsest) tokens A times and the low-level (finest) tokens once.
     lite_layout: str = "H3L1-(3+1)x2"
+    # How the lite encoder reads the layout: official (as the released code builds it: each block is A
+    # layers, A - 1 with the high-level tokens as queries, then one with all tokens as queries; A*K layers)
+    # or paper_text (this project's earlier reading of the paper: A high-level layers, then one layer with
+    # only the low-level tokens as queries; A*K + K layers).
+    lite_structure: str = "official"
     # Key-aware deformable attention in the lite encoder (attention weights from q·k of sampled keys
     # instead of a linear layer on the query).
     use_kda: bool = False
-    # Hidden width of the low-level tokens' feed-forward layer in the lite encoder (0 = dim_feedforward).
+    # Key-aware attention in the decoder's cross-attention too (the released code's key_aware=True); the
+    # decoder's KDA keeps the released defaults (keys = values, offsets per level).
+    dec_use_kda: bool = False
+    # The encoder's KDA, named as the released code's flags: keys from their own projection (key_proj)
+    # instead of the value projection; one set of sampling offsets per head shared by all levels.
+    proj_key: bool = False
+    same_loc: bool = False
+    # official structure: in the all-token layers the low-level tokens get their own feed-forward layer
+    # (the released code's small_expand) of hidden width lite_low_ffn_dim (0 = hidden_dim, as released);
+    # false: they share the layer's dim_feedforward one. paper_text structure: lite_low_ffn_dim is the
+    # hidden width of the low-level layers' feed-forward layer (0 = dim_feedforward).
+    small_expand: bool = True
     lite_low_ffn_dim: int = 0
 
 

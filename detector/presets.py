@@ -4,9 +4,12 @@ A preset is a small set of overrides on top of the `Config` defaults, so the def
 place (config.py). `r50_*`/`swint_*` reproduce the official models exactly; `tiny_*` are narrow and
 shallow variants for CPU work (ResNet-18, small images).
 
-Beyond the official Sparse DETR configurations: Lite DETR's interleaved encoder with key-aware attention
-on the two-stage + box refinement detector (`*_lite_detr_h3l1_3p1x2` = the paper's H3L1-(3+1)x2,
-`*_lite_detr_h2l2_2p1x3` = H2L2-(2+1)x3), and the baselines of the papers' tables: DETR (`r50_detr`)
+Beyond the official Sparse DETR configurations: Lite DETR's interleaved encoder as its released code
+builds it (key-aware attention in the encoder and the decoder, keys from the value projection, offsets per
+level, a d_model-wide feed-forward layer for the low-level tokens) on the two-stage + box refinement
+detector, one preset per layout of the paper's Table 3 (`*_lite_detr_h3l1_3p1x2` = H3L1-(3+1)x2,
+`*_lite_detr_h2l2_2p1x3` = H2L2-(2+1)x3, `*_lite_detr_h3l1_6p1x1` = H3L1-(6+1)x1,
+`*_lite_detr_h3l1_2p1x3` = H3L1-(2+1)x3), and the baselines of the papers' tables: DETR (`r50_detr`)
 and torchvision's Faster R-CNN + FPN (`r50_faster_rcnn_fpn`), each with a `tiny_` version.
 """
 
@@ -31,11 +34,18 @@ def _sparse(rho: float) -> dict[str, Any]:
 
 
 # Preset suffix -> Lite DETR layout (the paper's names).
-LITE_LAYOUTS = {"h3l1_3p1x2": "H3L1-(3+1)x2", "h2l2_2p1x3": "H2L2-(2+1)x3"}
+LITE_LAYOUTS = {
+    "h3l1_3p1x2": "H3L1-(3+1)x2",
+    "h2l2_2p1x3": "H2L2-(2+1)x3",
+    "h3l1_6p1x1": "H3L1-(6+1)x1",
+    "h3l1_2p1x3": "H3L1-(2+1)x3",
+}
 
 
 def _lite(layout: str) -> dict[str, Any]:
-    return {**_TWO_STAGE, "encoder": "lite", "lite_layout": layout, "use_kda": True}
+    # The released code's structure and attention (the config defaults: lite_structure=official,
+    # proj_key=false, same_loc=false, small_expand=true); KDA in the decoder too, as released.
+    return {**_TWO_STAGE, "encoder": "lite", "lite_layout": layout, "use_kda": True, "dec_use_kda": True}
 
 
 _DETECTORS: dict[str, dict[str, Any]] = {

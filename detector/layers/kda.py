@@ -7,8 +7,13 @@ query, as in ordinary attention restricted to the sampled points:
     K = S(X W_K, p + Δp),  V = S(X W_V, p + Δp),  A = softmax_{levels × points}(Q K^T / √d)  (per head)
 
 where S is bilinear sampling (``grid_sample``, ``align_corners=False``, zeros outside the map) and d the
-channels per head. The sampling offsets Δp are predicted from the query exactly as in `MSDeformAttn`.
-`key_aware_deform_attn` is the pure-PyTorch core; there is no compiled op for it.
+channels per head. As the released code (``MSDeformAttn`` with ``key_aware=True``): the query is projected
+(``query_proj``, in place of ``attention_weights``); the keys are the value projection unless ``proj_key``
+(then ``key_proj``), so one sample serves as key and value; the offsets are per level unless ``same_loc``
+(one set per head, shared by the levels).
+
+`kda` is the entry point the model calls: the compiled op ``torch.ops.sdetr.kda`` (C++ on CPU, Triton on
+GPU; `sdetr.detector.ops.kda`) when it is available, else the pure-PyTorch `key_aware_deform_attn`.
 """
 
 from __future__ import annotations
@@ -24,17 +29,18 @@ from sdetr.detector.layers.ms_deform_attn import init_sampling_offsets, sampling
 
 def key_aware_deform_attn(
     query: Tensor,
-    key: Tensor,
+    key: Tensor | None,
     value: Tensor,
     spatial_shapes: Tensor,
     sampling_locations: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """The KDA core: sample keys and values, weigh the samples by softmax(q·k / √d) per head.
+    """The KDA core in pure PyTorch (the reference): sample keys and values, weigh the samples by
+    softmax(q·k / √d) per head.
 
     Args:
         query: [N, Lq, M, D] projected queries, per head.
-        key, value: [N, S, M, D] projected keys / values of all levels, flattened and concatenated
-            (S = sum H_l·W_l).
+        key: [N, S, M, D] projected keys, or None: the keys are the values (sampled once).
+        value: [N, S, M, D] projected values of all levels, flattened and concatenated (S = sum H_l·W_l).
         spatial_shapes: long [L, 2], (H_l, W_l) per level.
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1] of each level.
 
@@ -45,18 +51,20 @@ def key_aware_deform_attn(
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
     # Keys and values share the sampling locations: sample them in one grid_sample per level.
-    key_value = torch.cat([key, value], dim=-1).split(sizes, dim=1)  # per level [N, H*W, M, 2D]
+    maps = value if key is None else torch.cat([key, value], dim=-1)
+    c = maps.shape[-1]
     grids = 2 * sampling_locations - 1
     sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        # [N, H*W, M, 2D] -> [N*M, 2D, H, W]
-        kv = key_value[lvl].permute(0, 2, 3, 1).reshape(n * m, 2 * d, int(h), int(w))
+    for lvl, level in enumerate(maps.split(sizes, dim=1)):
+        h, w = (int(x) for x in spatial_shapes[lvl].tolist())
+        # [N, H*W, M, C] -> [N*M, C, H, W]
+        kv = level.permute(0, 2, 3, 1).reshape(n * m, c, h, w)
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         sampled.append(F.grid_sample(kv, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [N*M, 2D, Lq, L*P]
+    # [N*M, C, Lq, L*P]
     sampled = torch.stack(sampled, dim=-2).flatten(-2)
-    sampled_key, sampled_value = sampled.split(d, dim=1)
+    sampled_key, sampled_value = (sampled, sampled) if key is None else sampled.split(d, dim=1)
     q = query.permute(0, 2, 3, 1).reshape(n * m, d, lq)  # [N*M, D, Lq]
     scores = torch.einsum("bdql,bdq->bql", sampled_key, q) / math.sqrt(d)  # [N*M, Lq, L*P]
     weights = scores.softmax(-1)
@@ -66,20 +74,50 @@ def key_aware_deform_attn(
     return out, weights
 
 
+def kda(
+    query: Tensor,
+    value: Tensor,
+    key: Tensor | None,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Dispatch to the compiled op when it is available, else to the PyTorch reference (same shapes as
+    `key_aware_deform_attn`)."""
+    from sdetr.detector.ops import kda as kda_ops  # the op's module loads (and may build) the library
+
+    if kda_ops.use_kda_op(value):
+        out, weights = torch.ops.sdetr.kda(
+            query, value, key, spatial_shapes, level_start_index, sampling_locations
+        )
+        return out, weights
+    return key_aware_deform_attn(query, key, value, spatial_shapes, sampling_locations)
+
+
 class KeyAwareDeformAttn(nn.Module):
     """Multi-scale key-aware deformable attention; a drop-in replacement of `MSDeformAttn`.
 
-    Parameters: ``sampling_offsets`` (as MSDeformAttn), ``query_proj``, ``key_proj``, ``value_proj``,
-    ``output_proj``; no ``attention_weights`` layer.
+    Parameters (the official names): ``sampling_offsets``, ``value_proj``, ``key_proj`` (only with
+    ``proj_key``), ``query_proj``, ``output_proj``; no ``attention_weights`` layer.
 
     Args:
         d_model: channels C.
         n_levels: feature levels L.
         n_heads: attention heads M (C must be divisible by M).
         n_points: sampling points P per head and level.
+        proj_key: keys from their own projection (``key_proj``); False: the keys are the projected values.
+        same_loc: one set of P offsets per head, used on every level; False: offsets per level.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        proj_key: bool = False,
+        same_loc: bool = False,
+    ):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -87,18 +125,23 @@ class KeyAwareDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.query_proj = nn.Linear(d_model, d_model)
-        self.key_proj = nn.Linear(d_model, d_model)
+        self.proj_key = proj_key
+        self.same_loc = same_loc
+        offset_levels = 1 if same_loc else n_levels
+        self.sampling_offsets = nn.Linear(d_model, n_heads * offset_levels * n_points * 2)
         self.value_proj = nn.Linear(d_model, d_model)
+        self.key_proj = nn.Linear(d_model, d_model) if proj_key else None
+        self.query_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        init_sampling_offsets(self.sampling_offsets, self.n_heads, self.n_levels, self.n_points)
-        for lin in (self.query_proj, self.key_proj, self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.constant_(lin.bias, 0.0)
+        offset_levels = 1 if self.same_loc else self.n_levels
+        init_sampling_offsets(self.sampling_offsets, self.n_heads, offset_levels, self.n_points)
+        for lin in (self.value_proj, self.key_proj, self.query_proj, self.output_proj):
+            if lin is not None:
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.constant_(lin.bias, 0.0)
 
     def forward(
         self,
@@ -115,7 +158,7 @@ class KeyAwareDeformAttn(nn.Module):
             reference_points: [N, Lq, L, 2] normalised (x, y), or [N, Lq, L, 4] boxes (cx, cy, w, h).
             input_flatten: [N, S, C] the tokens keys and values are made from.
             input_spatial_shapes: long [L, 2]
-            input_level_start_index: long [L] (unused; kept for MSDeformAttn's signature)
+            input_level_start_index: long [L]
             input_padding_mask: bool [N, S], True at padding (those keys and values are zeroed).
 
         Returns:
@@ -124,18 +167,24 @@ class KeyAwareDeformAttn(nn.Module):
         n, lq, _ = query.shape
         _, s, _ = input_flatten.shape
         m, d = self.n_heads, self.d_model // self.n_heads
-        key = self.key_proj(input_flatten)
         value = self.value_proj(input_flatten)
+        key = self.key_proj(input_flatten) if self.key_proj is not None else None
         if input_padding_mask is not None:
-            key = key.masked_fill(input_padding_mask[..., None], 0.0)
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        offsets = self.sampling_offsets(query).view(n, lq, m, self.n_levels, self.n_points, 2)
+            if key is not None:
+                key = key.masked_fill(input_padding_mask[..., None], 0.0)
+        if self.same_loc:
+            offsets = self.sampling_offsets(query).view(n, lq, m, 1, self.n_points, 2)
+            offsets = offsets.expand(-1, -1, -1, self.n_levels, -1, -1)
+        else:
+            offsets = self.sampling_offsets(query).view(n, lq, m, self.n_levels, self.n_points, 2)
         locations = sampling_locations(reference_points, offsets, input_spatial_shapes)
-        out, weights = key_aware_deform_attn(
+        out, weights = kda(
             self.query_proj(query).view(n, lq, m, d),
-            key.view(n, s, m, d),
             value.view(n, s, m, d),
+            None if key is None else key.view(n, s, m, d),
             input_spatial_shapes,
+            input_level_start_index,
             locations,
         )
         return self.output_proj(out), locations, weights

@@ -49,7 +49,7 @@ def _csrc_dir() -> Path:
 
 
 def _sources(csrc: Path, with_cuda: bool) -> list[Path]:
-    files = [csrc / "ms_deform_attn.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
+    files = [csrc / "ms_deform_attn.cpp", csrc / "kda.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
     if with_cuda:
         files += sorted((csrc / "cuda").glob("*.cu"))
     return files

@@ -12,6 +12,7 @@ import threading
 import torch
 
 from sdetr.detector.ops.flops import ms_deform_attn_flop_counter_flops
+from sdetr.detector.ops.kda import register_kda
 
 _lock = threading.Lock()
 _python_registered = False
@@ -92,6 +93,7 @@ def register_python() -> None:
         torch.library.register_autograd("sdetr::ms_deform_attn", _backward, setup_context=_setup_context)
         register_flop_formula(torch.ops.sdetr.ms_deform_attn)(_flop_forward)
         register_flop_formula(torch.ops.sdetr.ms_deform_attn_backward)(_flop_backward)
+        register_kda()
         _python_registered = True
 
 

@@ -6,10 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from sdetr.detector.layers.common import activation_fn, clones, inverse_sigmoid
+from sdetr.detector.layers.kda import KeyAwareDeformAttn
 from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
 
 
 class DeformableDecoderLayer(nn.Module):
+    """Self-attention, deformable cross-attention (key-aware with ``use_kda``, as Lite DETR's released
+    code: keys = values, offsets per level), FFN."""
+
     def __init__(
         self,
         d_model: int = 256,
@@ -19,9 +23,11 @@ class DeformableDecoderLayer(nn.Module):
         n_levels: int = 4,
         n_heads: int = 8,
         n_points: int = 4,
+        use_kda: bool = False,
     ):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        attn = KeyAwareDeformAttn if use_kda else MSDeformAttn
+        self.cross_attn = attn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)

@@ -37,7 +37,8 @@ class DeformableTransformer(nn.Module):
     Args mirror the official flags: `two_stage`, `eff_query_init`, `eff_specific_head`, `rho` (0 = the
     dense Deformable DETR encoder; > 0 builds the scoring network, and `rho` can then be changed at
     any time, e.g. at inference) and `use_enc_aux_loss`. `encoder` replaces the Deformable DETR encoder
-    with another one taking the same call (Lite DETR's `LiteEncoder`; dense mode only).
+    with another one taking the same call (Lite DETR's `LiteEncoder`; dense mode only); `dec_use_kda`
+    makes the decoder's cross-attention key-aware (Lite DETR).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class DeformableTransformer(nn.Module):
         rho: float = 0.0,
         use_enc_aux_loss: bool = False,
         encoder: nn.Module | None = None,
+        dec_use_kda: bool = False,
     ):
         super().__init__()
         self.d_model = d_model
@@ -77,7 +79,14 @@ class DeformableTransformer(nn.Module):
             encoder = DeformableEncoder(enc_layer, num_encoder_layers)
         self.encoder = encoder
         dec_layer = DeformableDecoderLayer(
-            d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, dec_n_points
+            d_model,
+            dim_feedforward,
+            dropout,
+            activation,
+            num_feature_levels,
+            nhead,
+            dec_n_points,
+            dec_use_kda,
         )
         self.decoder = DeformableDecoder(dec_layer, num_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))

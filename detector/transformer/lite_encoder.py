@@ -1,23 +1,18 @@
-"""Lite DETR's interleaved multi-scale encoder (Li et al., CVPR 2023).
+"""Lite DETR's interleaved multi-scale encoder (Li et al., CVPR 2023) as the released code builds it.
 
-The flattened pyramid is split into low-level tokens (the finest levels, most of the tokens) and
-high-level tokens (the coarsest levels). The encoder is K blocks; each block
+The flattened pyramid is split into low-level tokens (the finest levels, first in the flattening) and
+high-level tokens (the coarsest levels). The encoder runs the layout's schedule (`lite_layout`): in a block
+of A layers, the first A - 1 update only the high-level tokens (queries: the high-level tokens; keys and
+values: all tokens, with the current high-level ones), and the last takes all tokens as queries. In that
+all-token layer the low-level tokens may go through their own narrow feed-forward layer (the code's
+``small_expand``: d_model -> d_model -> d_model) while the high-level tokens use the normal one.
 
-1. updates the high-level tokens A times: queries are the high-level tokens, keys and values all
-   tokens (the current high-level tokens and the block's low-level tokens);
-2. then updates the low-level tokens once: queries are the low-level tokens, keys and values the
-   updated high-level tokens and the (not yet updated) low-level tokens.
-
-Every step is a deformable (or, with ``use_kda``, key-aware deformable) attention layer over all L
-levels followed by a feed-forward layer; the low-level step may use a narrower feed-forward layer.
-Layouts are named as in the paper: ``H3L1-(3+1)x2`` = 3 high-level and 1 low-level feature levels,
-A = 3, K = 2 (8 layers in all).
+Parameter names follow the official ``TransformerEncoder`` / ``DeformableTransformerEncoderLayer``
+(``layers.{i}.self_attn``, ``norm1``, ``linear1``..., and ``linear12`` / ``linear22`` / ``norm22`` for the
+low-level feed-forward layer). The earlier reading of the paper's text is `lite_paper_encoder`.
 """
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -27,49 +22,25 @@ from sdetr.detector.layers.common import activation_fn
 from sdetr.detector.layers.kda import KeyAwareDeformAttn
 from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
 from sdetr.detector.transformer.encoder import encoder_reference_points
-
-_LAYOUT = re.compile(r"^H(\d+)L(\d+)-\((\d+)\+1\)[x×](\d+)$")
-
-
-@dataclass(frozen=True)
-class LiteLayout:
-    """The shape of an interleaved encoder."""
-
-    high_levels: int  # the coarsest levels, updated A times per block
-    low_levels: int  # the finest levels, updated once per block
-    high_updates: int  # A
-    blocks: int  # K
-
-    @property
-    def name(self) -> str:
-        return f"H{self.high_levels}L{self.low_levels}-({self.high_updates}+1)x{self.blocks}"
-
-    @property
-    def num_layers(self) -> int:
-        return self.blocks * (self.high_updates + 1)
-
-    @property
-    def num_levels(self) -> int:
-        return self.high_levels + self.low_levels
+from sdetr.detector.transformer.lite_layout import ALL, HIGH, LiteLayout, parse_lite_layout
 
 
-def parse_lite_layout(text: str) -> LiteLayout:
-    """``"H3L1-(3+1)x2"`` -> LiteLayout(3, 1, 3, 2); a ConfigError naming the expected form otherwise."""
-    m = _LAYOUT.match(text.strip().replace(" ", ""))
-    if not m:
+def check_levels(layout: LiteLayout, n_levels: int) -> None:
+    if layout.num_levels != n_levels:
         raise ConfigError(
-            f"model.lite_layout {text!r}: expected H<high levels>L<low levels>-(<A>+1)x<K>, e.g. H3L1-(3+1)x2"
+            f"model.lite_layout {layout.name}: H + L = {layout.num_levels} levels, "
+            f"but the model has num_feature_levels={n_levels}"
         )
-    layout = LiteLayout(*(int(g) for g in m.groups()))
-    if min(layout.high_levels, layout.low_levels, layout.high_updates, layout.blocks) < 1:
-        raise ConfigError(f"model.lite_layout {text!r}: every number must be at least 1")
-    return layout
 
 
 class LiteEncoderLayer(nn.Module):
     """(Key-aware) deformable attention of some tokens to all tokens, then a feed-forward layer (post-norm).
 
-    Parameter names follow `DeformableEncoderLayer` (``self_attn``, ``norm1``, ``linear1``...).
+    Args:
+        low_ffn_dim: > 0 gives the layer a second feed-forward layer of this hidden width (``linear12``,
+            ``linear22``, ``norm22``) for the first ``low_tokens`` query tokens of each call.
+        use_kda, proj_key, same_loc: key-aware attention (else `MSDeformAttn`) and its options.
+        other args: as `DeformableEncoderLayer`.
     """
 
     def __init__(
@@ -82,10 +53,15 @@ class LiteEncoderLayer(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         use_kda: bool = True,
+        proj_key: bool = False,
+        same_loc: bool = False,
+        low_ffn_dim: int = 0,
     ):
         super().__init__()
-        attn = KeyAwareDeformAttn if use_kda else MSDeformAttn
-        self.self_attn = attn(d_model, n_levels, n_heads, n_points)
+        if use_kda:
+            self.self_attn = KeyAwareDeformAttn(d_model, n_levels, n_heads, n_points, proj_key, same_loc)
+        else:
+            self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -94,6 +70,22 @@ class LiteEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
+        self.small_expand = low_ffn_dim > 0
+        if self.small_expand:
+            self.linear12 = nn.Linear(d_model, low_ffn_dim)
+            self.activation2 = activation_fn(activation)
+            self.dropout22 = nn.Dropout(dropout)
+            self.linear22 = nn.Linear(low_ffn_dim, d_model)
+            self.dropout32 = nn.Dropout(dropout)
+            self.norm22 = nn.LayerNorm(d_model)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        return self.norm2(x + self.dropout3(self.linear2(self.dropout2(self.activation(self.linear1(x))))))
+
+    def ffn_low(self, x: Tensor) -> Tensor:
+        return self.norm22(
+            x + self.dropout32(self.linear22(self.dropout22(self.activation2(self.linear12(x)))))
+        )
 
     def forward(
         self,
@@ -104,12 +96,14 @@ class LiteEncoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Tensor | None,
+        low_tokens: int = 0,
     ) -> Tensor:
         """
         Args:
-            query: [N, Lq, C] the tokens this step updates; pos: [N, Lq, C] their position embedding.
+            query: [N, Lq, C] the tokens this layer updates; pos: [N, Lq, C] their position embedding.
             reference_points: [N, Lq, L, 2]
             src: [N, S, C] all tokens (keys and values).
+            low_tokens: the first ``low_tokens`` queries take the low-level feed-forward layer (if any).
         Returns:
             the updated query tokens [N, Lq, C].
         """
@@ -117,27 +111,22 @@ class LiteEncoderLayer(nn.Module):
             query + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )[0]
         query = self.norm1(query + self.dropout1(out))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(query))))
-        return self.norm2(query + self.dropout3(ffn))
-
-
-class LiteBlock(nn.Module):
-    """One block: ``high`` (A layers for the high-level tokens), then ``low`` (one layer)."""
-
-    def __init__(self, high: list[LiteEncoderLayer], low: LiteEncoderLayer):
-        super().__init__()
-        self.high = nn.ModuleList(high)
-        self.low = low
+        if self.small_expand and low_tokens > 0:
+            return torch.cat([self.ffn_low(query[:, :low_tokens]), self.ffn(query[:, low_tokens:])], 1)
+        return self.ffn(query)
 
 
 class LiteEncoder(nn.Module):
-    """The interleaved encoder; same call and output ``memory`` as `DeformableEncoder` (dense mode).
+    """The interleaved encoder (official structure); same call and output ``memory`` as `DeformableEncoder`.
 
     Args:
         layout: a `LiteLayout` (or its name); its level count must equal ``n_levels``.
-        low_ffn_dim: hidden width of the low-level step's feed-forward layer (0 = ``d_ffn``).
-        other args: as `DeformableEncoderLayer`.
+        low_ffn_dim: hidden width of the low-level tokens' own feed-forward layer in the all-token layers
+            (the released configuration: ``d_model``); 0 = none, they share the layer's ``d_ffn`` one.
+        other args: as `LiteEncoderLayer`.
     """
+
+    structure = "official"
 
     def __init__(
         self,
@@ -150,24 +139,31 @@ class LiteEncoder(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         use_kda: bool = True,
-        low_ffn_dim: int = 0,
+        proj_key: bool = False,
+        same_loc: bool = False,
+        low_ffn_dim: int = 256,
     ):
         super().__init__()
         self.layout = parse_lite_layout(layout) if isinstance(layout, str) else layout
-        if self.layout.num_levels != n_levels:
-            raise ConfigError(
-                f"model.lite_layout {self.layout.name}: H + L = {self.layout.num_levels} levels, "
-                f"but the model has num_feature_levels={n_levels}"
+        check_levels(self.layout, n_levels)
+        self.schedule = self.layout.schedule(self.structure)
+        self.layers = nn.ModuleList(
+            LiteEncoderLayer(
+                d_model,
+                d_ffn,
+                dropout,
+                activation,
+                n_levels,
+                n_heads,
+                n_points,
+                use_kda,
+                proj_key,
+                same_loc,
+                low_ffn_dim if kind == ALL else 0,
             )
-
-        def layer(ffn: int) -> LiteEncoderLayer:
-            return LiteEncoderLayer(d_model, ffn, dropout, activation, n_levels, n_heads, n_points, use_kda)
-
-        self.blocks = nn.ModuleList(
-            LiteBlock([layer(d_ffn) for _ in range(self.layout.high_updates)], layer(low_ffn_dim or d_ffn))
-            for _ in range(self.layout.blocks)
+            for kind in self.schedule
         )
-        self.num_layers = self.layout.num_layers
+        self.num_layers = len(self.layers)
         # Sparse DETR's encoder auxiliary heads do not apply (the detector checks this flag).
         self.aux_heads = False
 
@@ -196,12 +192,12 @@ class LiteEncoder(nn.Module):
         # Low-level tokens are the first `split` (the finest levels come first in the flattening).
         split = int(level_start_index[self.layout.low_levels])
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
-        ref_low, ref_high = reference_points[:, :split], reference_points[:, split:]
-        pos_low, pos_high = pos[:, :split], pos[:, split:]
-        low, high = src[:, :split], src[:, split:]
         args = (spatial_shapes, level_start_index, padding_mask)
-        for block in self.blocks:
-            for layer in block.high:
-                high = layer(high, pos_high, ref_high, torch.cat([low, high], 1), *args)
-            low = block.low(low, pos_low, ref_low, torch.cat([low, high], 1), *args)
-        return {"memory": torch.cat([low, high], 1)}
+        tokens = src
+        for kind, layer in zip(self.schedule, self.layers):
+            if kind == HIGH:
+                high = layer(tokens[:, split:], pos[:, split:], reference_points[:, split:], tokens, *args)
+                tokens = torch.cat([tokens[:, :split], high], 1)
+            else:
+                tokens = layer(tokens, pos, reference_points, tokens, *args, low_tokens=split)
+        return {"memory": tokens}
