@@ -39,8 +39,9 @@ from sdetr.detector.data.coco import CocoDetection, prepare_target
 from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.detector.data.transforms import make_transforms
 from sdetr.detector.presets import get_preset
-from sdetr.platform import ray_data
-from sdetr.platform.shard import REQUIRED_COLUMNS, shard_coco
+from sdetr.platform.shards import reader as ray_data
+from sdetr.platform.shards.manifest import REQUIRED_COLUMNS
+from sdetr.platform.shards.writer import shard_coco
 
 _cleanup: list = []  # called before ray.shutdown()
 
@@ -100,7 +101,7 @@ def setup_ray_consumers(cfg, shards: Path, workers: int):
             return count_images(batches)
 
     splits = ray_data.read_split(shards, "train").streaming_split(workers, equal=True)
-    # Train would give each worker `worker_cpus(total, workers)` CPUs. Here the actors stay alive
+    # Train would give each worker `cpus_per_worker(workers, None, total)` CPUs. Here the actors stay alive
     # while the other variants run (interleaved), so they reserve nothing: reservations would only
     # block the other variants' tasks (Ray does not cap a process's CPU use either way).
     actors = [Consumer.options(num_cpus=0).remote(it, cfg) for it in splits]

@@ -20,7 +20,7 @@ import torch
 
 from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.detector.presets import get_preset
-from sdetr.platform.train import train
+from sdetr.platform.training.local import train
 
 
 def main() -> int:

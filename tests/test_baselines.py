@@ -17,7 +17,7 @@ from sdetr.detector.losses.detr_criterion import DETRMatcher, DETRSetCriterion
 from sdetr.detector.models.detr import DETR
 from sdetr.detector.models.faster_rcnn import RCNN_LOSSES, FasterRCNNFPN, ModelLossCriterion
 from sdetr.detector.presets import get_preset
-from sdetr.platform.engine import train_one_epoch
+from sdetr.platform.training.engine import train_one_epoch
 
 
 def batch(sizes=((96, 128), (72, 100)), seed=0):
@@ -264,7 +264,7 @@ def small_synth(tmp_path_factory):
 
 
 def train_tiny(preset: str, data, out, epochs: int = 2):
-    from sdetr.platform.train import train
+    from sdetr.platform.training.local import train
 
     overrides = [
         f"data.root={data}",

@@ -63,7 +63,7 @@ def test_errors_raised_in_dataloader_workers_lose_the_traceback(tmp_path):
     import torch.utils.data
 
     from sdetr.detector.errors import DataError
-    from sdetr.platform.cli import user_message
+    from sdetr.platform.cli.main import user_message
 
     class Broken(torch.utils.data.Dataset):
         def __len__(self):

@@ -1,4 +1,4 @@
-"""The cost model (`sdetr.detector.cost`) and `sdetr cost` (`sdetr.platform.cost_cli`).
+"""The cost model (`sdetr.detector.cost`) and `sdetr cost` (`sdetr.platform.cli.cost`).
 
 FLOP counts are checked against hand formulas in fvcore's convention (one multiply-add = 1, bilinear
 sampling = 4 per value, LayerNorm / GroupNorm = 5 per element), the compiled deformable-attention op
@@ -22,7 +22,7 @@ from sdetr.detector.errors import ConfigError, SdetrError
 from sdetr.detector.layers.ms_deform_attn import ms_deform_attn
 from sdetr.detector.presets import get_preset
 from sdetr.detector.transformer.deformable_transformer import keep_counts
-from sdetr.platform.cost_cli import add_cost_parser, cmd_cost, format_table
+from sdetr.platform.cli.cost import add_cost_parser, cmd_cost, format_table
 
 SMALL_HW = (128, 160)
 

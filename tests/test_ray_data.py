@@ -18,8 +18,9 @@ from sdetr.detector.data.synth import generate_synthetic_coco  # noqa: E402
 from sdetr.detector.data.transforms import make_transforms  # noqa: E402
 from sdetr.detector.errors import DataError  # noqa: E402
 from sdetr.detector.presets import get_preset  # noqa: E402
-from sdetr.platform import ray_data  # noqa: E402
-from sdetr.platform.shard import shard_coco  # noqa: E402
+from sdetr.platform.resources import cpus_per_worker  # noqa: E402
+from sdetr.platform.shards import reader as ray_data  # noqa: E402
+from sdetr.platform.shards.writer import shard_coco  # noqa: E402
 
 N_TRAIN, N_VAL, BATCH = 24, 6, 4
 
@@ -187,7 +188,7 @@ def test_torch_trainer_two_workers_with_cpu_headroom(ray_local, data, cfg, tmp_p
     def loop(config):
         import ray.train
 
-        from sdetr.platform import ray_data as rd
+        from sdetr.platform.shards import reader as rd
 
         it = ray.train.get_dataset_shard("train")
         ids = [
@@ -199,7 +200,9 @@ def test_torch_trainer_two_workers_with_cpu_headroom(ray_local, data, cfg, tmp_p
     trainer = TorchTrainer(
         loop,
         train_loop_config={"cfg": cfg, "out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": ray_data.worker_cpus(2, 2)}),
+        scaling_config=ScalingConfig(
+            num_workers=2, resources_per_worker={"CPU": cpus_per_worker(2, None, 2.0)}
+        ),
         datasets={"train": ray_data.read_split(shards, "train")},
         dataset_config=ray_data.dataset_config(),
         run_config=RunConfig(name="raydata-test", storage_path=str(tmp_path / "runs")),

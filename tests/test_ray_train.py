@@ -26,9 +26,12 @@ from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.detector.errors import ConfigError, DataError
 from sdetr.detector.presets import get_preset
 from sdetr.platform import tracking
-from sdetr.platform.ray_data import check_shards
-from sdetr.platform.ray_train import DistributedOptions, RunStorage, plan_cpus, prepare_data, run
-from sdetr.platform.shard import shard_coco
+from sdetr.platform.resources import cpus_per_worker
+from sdetr.platform.shards.reader import check_shards
+from sdetr.platform.shards.writer import shard_coco
+from sdetr.platform.storage import RunStorage
+from sdetr.platform.training.driver import run
+from sdetr.platform.training.run_plan import DistributedOptions, prepare_data
 
 PRESET = "tiny_sparse_detr_rho_0.1"
 EPOCHS = 2
@@ -67,19 +70,10 @@ def sdetr_train_argv(data, storage, name, epochs, address, every=0):
     return argv
 
 
-def cli_module() -> str:
-    """The CLI once ``sdetr train --workers`` is wired in; until then ray_train's own entry point."""
-    from sdetr.platform import cli
-
-    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
-    wired = any("--workers" in a.option_strings for a in train._actions)
-    return "sdetr.platform.cli" if wired else "sdetr.platform.ray_train"
-
-
 def sdetr_main(argv) -> int:
-    import importlib
+    from sdetr.platform.cli import main
 
-    return importlib.import_module(cli_module()).main(argv)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +88,7 @@ def data(tmp_path_factory):
 def cluster():
     import ray
 
-    # Two CPUs: 2 workers x 0.5 CPU, leaving one CPU to Ray Data (ListFiles asks for a whole one).
+    # Two CPUs: 2 workers x 0.75 CPU, leaving 0.5 to Ray Data's read tasks.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -155,11 +149,11 @@ def test_errors_before_any_worker_starts(data, tmp_path, capsys):
 
 
 def test_cpu_budget_and_coco_input(data, tmp_path):
-    # Workers never take the last CPU: Ray Data's ListFiles step needs a whole one.
-    assert plan_cpus(2, None, 2.0) == 0.5
-    assert plan_cpus(2, None, 16.0) == 1.0
-    assert plan_cpus(1, None, 1.0) == 0.5
-    assert plan_cpus(4, 0.25, 2.0) == 0.25
+    # Workers never take the CPUs Ray Data's read tasks need (0.5), and at most one CPU each.
+    assert cpus_per_worker(2, None, 2.0) == 0.75
+    assert cpus_per_worker(2, None, 16.0) == 1.0
+    assert cpus_per_worker(1, None, 1.0) == 0.5
+    assert cpus_per_worker(4, 0.25, 2.0) == 0.25
     # A COCO-layout --data is sharded once into the run folder, and reused by the next attempt.
     storage = RunStorage(str(tmp_path / "runs"), "coco")
     logs: list[str] = []
@@ -269,7 +263,7 @@ def test_killed_worker_resumes_to_the_same_weights(data, clean_run):
 def test_driver_death_then_rerun_continues_the_run(data, cluster, tmp_path):
     storage = tmp_path / "runs"
     argv = sdetr_train_argv(data / "shards", storage, "drv", EPOCHS, cluster, every=2)
-    cmd = [sys.executable, "-m", cli_module(), *argv]
+    cmd = [sys.executable, "-m", "sdetr.platform.cli", *argv]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "first.log"  # a file, not a pipe: nobody reads a pipe while we wait

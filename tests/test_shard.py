@@ -13,7 +13,9 @@ import pytest
 from sdetr.detector.data.coco import validate_annotations
 from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.detector.errors import DataError
-from sdetr.platform.shard import MANIFEST, SCHEMA, add_shard_parser, shard_coco
+from sdetr.platform.cli.data import add_shard_parser
+from sdetr.platform.shards.manifest import MANIFEST, SCHEMA
+from sdetr.platform.shards.writer import shard_coco
 
 
 @pytest.fixture(scope="module")

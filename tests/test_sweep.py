@@ -24,7 +24,7 @@ import pytest
 from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.platform import tracking
 from sdetr.platform.pareto import pareto_mask
-from sdetr.platform.shard import shard_coco
+from sdetr.platform.shards.writer import shard_coco
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "test-sweeps"

@@ -116,7 +116,7 @@ def test_submit_to_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, e
     wait_http(f"{server}/health", 90, server_proc)
 
     from sdetr.detector.data.synth import generate_synthetic_coco
-    from sdetr.platform.shard import shard_coco
+    from sdetr.platform.shards.writer import shard_coco
 
     generate_synthetic_coco(tmp_path / "coco", n_train=16, n_val=4, seed=5, min_size=96, max_size=128)
     shard_coco(tmp_path / "coco", tmp_path / "shards", shard_size=8, progress=False)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from sdetr.platform.sweep import SWEEP_RECORD, TRIAL_RECORD, TRIALS_DIR
-from sdetr.platform.sweep_results import (
+from sdetr.platform.layout import SWEEP_RECORD, TRIAL_RECORD, TRIALS_DIR
+from sdetr.platform.sweeps.results import (
     TRIAL_STATES_FILE,
     collect_points,
     finalize,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from sdetr.detector.errors import ConfigError
-from sdetr.platform.cli import main
-from sdetr.platform.sweep_spec import load_sweep, plan_trials
+from sdetr.platform.cli.main import main
+from sdetr.platform.sweeps.load import load_sweep
+from sdetr.platform.sweeps.spec import plan_trials
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -133,24 +134,24 @@ def test_resources_the_cluster_cannot_give(tmp_path):
     )
     with pytest.raises(
         ConfigError,
-        match=r"s\.yaml:6: resources: a trial needs 4 workers x 1 CPUs, but the Ray cluster has 2",
+        match=r"s\.yaml:6: resources: a trial needs 4 workers x 1 CPUs = 4 CPUs, but the Ray cluster has 2 ",
     ):
-        plan_trials(spec, {"CPU": 2.0, "GPU": 0.0}, data_headroom=0.5)
+        plan_trials(spec, {"CPU": 2.0, "GPU": 0.0})
     gpu = load_sweep(write(tmp_path, BASE.replace("cpus_per_worker: 0.5}", "gpus_per_worker: 1}"), "g.yaml"))
-    with pytest.raises(ConfigError, match="GPUs per trial, but the Ray cluster has 0"):
-        plan_trials(gpu, {"CPU": 16.0, "GPU": 0.0}, data_headroom=0.5)
+    with pytest.raises(ConfigError, match="resources: a trial needs 1 workers x 1 GPUs = 1 GPUs, but the Ray cluster has 0"):
+        plan_trials(gpu, {"CPU": 16.0, "GPU": 0.0})
 
 
 def test_concurrency_is_capped_by_trial_resources(tmp_path):
     spec = load_sweep(write(tmp_path, BASE.replace("[0.1, 0.2]", "[0.1, 0.2, 0.3, 0.4, 0.5]")))
     # 16 CPUs, 0.5 kept for Ray Data: 15.5 // (0.5 + 0.01) = 30 would fit, but there are only 5 trials.
-    assert plan_trials(spec, {"CPU": 16.0}, 0.5) == (0.5, 5)
-    assert plan_trials(spec, {"CPU": 2.0}, 0.5) == (0.5, 2)
+    assert plan_trials(spec, {"CPU": 16.0}) == (0.5, 5)
+    assert plan_trials(spec, {"CPU": 2.0}) == (0.5, 2)
     spec.workers, spec.cpus_per_worker = 2, None
-    per_worker, concurrent = plan_trials(spec, {"CPU": 8.0}, 0.5)
+    per_worker, concurrent = plan_trials(spec, {"CPU": 8.0})
     assert per_worker == 1.0 and concurrent == 3  # 7.5 // 2.01
     spec.gpus_per_worker, spec.cpus_per_worker = 1.0, 1.0
-    assert plan_trials(spec, {"CPU": 64.0, "GPU": 4.0}, 0.5)[1] == 2  # GPUs bound it
+    assert plan_trials(spec, {"CPU": 64.0, "GPU": 4.0})[1] == 2  # GPUs bound it
 
 
 def test_cli_refuses_before_starting_anything(tmp_path, capsys):

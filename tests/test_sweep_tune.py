@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from sdetr.platform.sweep import tune_config
-from sdetr.platform.sweep_spec import load_sweep
+from sdetr.platform.sweeps.load import load_sweep
+from sdetr.platform.sweeps.tune import tune_config
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
@@ -68,7 +68,7 @@ def test_multi_objective_optuna_gets_both_objectives(ray_local, tmp_path):
 
 
 def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
-    from sdetr.platform.sweep_results import record_states
+    from sdetr.platform.sweeps.results import record_states
 
     spec, grid = run(
         tmp_path,

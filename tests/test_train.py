@@ -9,7 +9,7 @@ import pytest
 from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.detector.errors import ConfigError, DataError
 from sdetr.detector.presets import get_preset
-from sdetr.platform.train import train
+from sdetr.platform.training.local import train
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ CPU budget (the resource trap): Ray Train reserves its workers' CPUs, and Ray Da
 on what is left. If the workers reserve every CPU, the read never starts and training hangs ("Cluster
 resources are not enough to run any task"). The only work outside the workers is one read task per
 shard file and epoch, `READ_TASK_CPUS` each (bytes off disk, no decode; `read_split` explains why not
-``read_parquet``, whose tasks need a whole CPU): leave `data_cpu_headroom()` CPUs unreserved, e.g.
-``resources_per_worker={"CPU": worker_cpus(total, workers)}`` (2 CPUs and 2 workers -> 0.75 each).
+``read_parquet``, whose tasks need a whole CPU): platform/resources.py leaves `data_cpu_headroom()`
+CPUs unreserved (2 CPUs and 2 workers -> 0.75 each).
 The decoding runs inside each Train worker and is paid from that worker's own CPUs.
 """
 
@@ -52,6 +52,7 @@ from sdetr.detector.config import Config
 from sdetr.detector.data.batching import collate_fn
 from sdetr.detector.data.transforms import Compose, Normalize, ToTensor, make_transforms
 from sdetr.detector.errors import DataError
+from sdetr.platform.resources import READ_TASK_CPUS
 
 # The pyarrow-only part of reading shards is in dataset.py; `x as x` re-exports it to this module's callers.
 from sdetr.platform.shards.dataset import SPLITS, check_shards, decode_sample, shard_files
@@ -63,28 +64,9 @@ if TYPE_CHECKING:
     import ray.data
     import ray.train
 
-READ_TASK_CPUS = 0.25  # a read task only moves bytes from Parquet into the object store
-MAX_CONCURRENT_READS = 2  # read tasks the headroom leaves room for (more run when more CPUs are free)
 DEFAULT_SHUFFLE_BUFFER = 1000  # rows held per worker; COCO JPEGs average ~160 KB -> ~160 MB
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]
-
-
-# -- CPU sizing ----------------------------------------------------------------------------------
-def data_cpu_headroom() -> float:
-    """CPUs to leave unreserved by Ray Train so Ray Data's read tasks can run (see module docstring)."""
-    return READ_TASK_CPUS * MAX_CONCURRENT_READS
-
-
-def worker_cpus(total_cpus: float, num_workers: int) -> float:
-    """CPUs per Train worker that leave `data_cpu_headroom()` free: ``(total - headroom) / workers``."""
-    per_worker = (total_cpus - data_cpu_headroom()) / max(num_workers, 1)
-    if per_worker <= 0:
-        raise DataError(
-            f"{total_cpus} CPUs cannot host {num_workers} Train workers plus {data_cpu_headroom()} CPUs "
-            "for Ray Data's read tasks"
-        )
-    return per_worker
 
 
 # -- shards --------------------------------------------------------------------------------------

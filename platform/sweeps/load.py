@@ -1,177 +1,33 @@
-"""Sweep files: ``sweeps/*.yaml`` read, validated and turned into Ray Tune's search space.
-
-A sweep file names a base preset, fixed overrides, a search space over any config field (or over the
-preset itself), the search algorithm, an optional ASHA scheduler, per-trial resources and where things
-go. Every mistake is reported as ``FILE:LINE: key: what is wrong`` before anything starts.
-
-```yaml
-preset: tiny_sparse_detr_rho_0.1
-set: {optim.lr: 2e-4}                  # fixed overrides (full or unique leaf names)
-space:
-  model.rho: [0.1, 0.2, 0.3]           # a list is a grid
-  model.backbone: {grid: [resnet50, swin_t]}
-  loss.enc_aux_loss_coef: {loguniform: [0.1, 10]}
-search: {algorithm: grid}              # grid | random | optuna | optuna_multi
-scheduler: {type: none}                # none | asha
-resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent: 2}
-epochs: 12
-data: /data/coco
-```
-"""
+"""Reading and validating sweep files: every mistake is refused before anything starts, naming the file,
+the line and the key (unknown keys with a suggestion, values of the wrong type, rho outside (0, 1], an
+unknown backbone or preset, trials that would build an invalid model)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import difflib
-import itertools
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from sdetr.detector.config import Config, resolve_key, set_by_path
+from sdetr.detector.cost import FIXED_INPUT_HW
 from sdetr.detector.errors import ConfigError
-
-ALGORITHMS = ("grid", "random", "optuna", "optuna_multi")
-SCHEDULERS = ("none", "asha")
-DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-PRESET_KEY = "preset"
-# What the multi-objective search optimises and the Pareto front is drawn over.
-OBJECTIVES = {"AP": "max", "gflops": "min"}
-FIXED_INPUT = (850, 1040)
-
-TOP_KEYS = {
-    "name": "the sweep's name (default: the file name)",
-    "description": "free text",
-    "preset": "the base preset",
-    "set": "fixed config overrides {key: value}",
-    "space": "the search space {key: values}",
-    "search": "{algorithm, num_samples, seed}",
-    "scheduler": "{type: none|asha, grace_period, reduction_factor}",
-    "resources": "{workers, cpus_per_worker, gpus_per_worker, max_concurrent}",
-    "epochs": "training epochs per trial",
-    "data": "a COCO 2017 folder or a shard folder",
-    "storage": "where the sweep's folder goes (default ./runs)",
-    "mlflow": "{uri, experiment}",
-    "cost": "{input: [H, W] | val, val_images, fps}",
-    "checkpoint_every_steps": "also checkpoint every K steps within an epoch",
-    "max_failures": "worker-group restarts per trial",
-}
-SECTION_KEYS = {
-    "search": {"algorithm", "num_samples", "seed"},
-    "scheduler": {"type", "grace_period", "reduction_factor", "max_t"},
-    "resources": {"workers", "cpus_per_worker", "gpus_per_worker", "max_concurrent"},
-    "mlflow": {"uri", "experiment"},
-    "cost": {"input", "val_images", "fps"},
-}
+from sdetr.platform.sweeps.spec import (
+    ALGORITHMS,
+    DIM_KINDS,
+    PRESET_KEY,
+    SCHEDULERS,
+    SECTION_KEYS,
+    TOP_KEYS,
+    Dimension,
+    SweepSpec,
+)
 
 
-@dataclass
-class Dimension:
-    """One searched field: grid/choice take ``values``; uniform/loguniform/randint ``low`` and ``high``."""
-
-    key: str  # a full config path ("model.rho") or "preset"
-    kind: str
-    values: list[Any] = field(default_factory=list)
-    low: float | None = None
-    high: float | None = None
-    line: int = 0
-
-
-@dataclass
-class SweepSpec:
-    path: str
-    name: str
-    preset: str
-    overrides: dict[str, Any] = field(default_factory=dict)  # full path -> value
-    space: list[Dimension] = field(default_factory=list)
-    algorithm: str = "grid"
-    num_samples: int = 1
-    seed: int = 0
-    scheduler: str = "none"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    workers: int = 1
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 0.0
-    max_concurrent: int | None = None
-    epochs: int | None = None
-    data: str | None = None
-    storage: str | None = None
-    mlflow_uri: str | None = None
-    experiment: str = "sdetr-sweeps"
-    cost_input: tuple[int, int] | None = FIXED_INPUT  # None: the mean over val images
-    cost_val_images: int = 10
-    cost_fps: bool = True
-    checkpoint_every_steps: int = 0
-    max_failures: int = 2
-    lines: dict[str, int] = field(default_factory=dict)  # "resources.workers" -> line
-
-    # -- what the trials are ------------------------------------------------------------------
-    def where(self, key: str) -> str:
-        line = self.lines.get(key) or self.lines.get(key.split(".", 1)[0])
-        return f"{self.path}:{line}" if line else self.path
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.where(key)}: {key}: {message}")
-
-    def trial_config(self, params: dict[str, Any]) -> Config:
-        """The full config of the trial with the sampled ``params`` ({key: value})."""
-        from sdetr.detector.presets import get_preset
-
-        cfg = get_preset(params.get(PRESET_KEY, self.preset))
-        for key, value in self.overrides.items():
-            set_by_path(cfg, key, copy.deepcopy(value), f"{self.where('set.' + key)}: set")
-        for key, value in params.items():
-            if key != PRESET_KEY:
-                set_by_path(cfg, key, value, f"{self.where('space.' + key)}: space")
-        if self.epochs is not None:
-            cfg.optim.epochs = self.epochs
-            cfg.optim.lr_drop = min(cfg.optim.lr_drop, self.epochs)
-        if self.data is not None:
-            cfg.data.root = self.data
-        return cfg
-
-    def num_trials(self) -> int:
-        grid = math.prod(len(d.values) for d in self.space if d.kind == "grid")
-        return grid * self.num_samples
-
-    def grid_points(self) -> list[dict[str, Any]]:
-        dims = [d for d in self.space if d.kind in ("grid", "choice")]
-        return [
-            dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*(d.values for d in dims))
-        ]
-
-    def tune_space(self) -> dict[str, Any]:
-        """Ray Tune's ``param_space`` for the searched keys."""
-        from ray import tune
-
-        out: dict[str, Any] = {}
-        for d in self.space:
-            if d.kind == "grid":
-                out[d.key] = tune.grid_search(list(d.values))
-            elif d.kind == "choice":
-                out[d.key] = tune.choice(list(d.values))
-            elif d.kind == "uniform":
-                out[d.key] = tune.uniform(d.low, d.high)
-            elif d.kind == "loguniform":
-                out[d.key] = tune.loguniform(d.low, d.high)
-            else:
-                out[d.key] = tune.randint(int(d.low), int(d.high) + 1)  # inclusive high, as written
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("lines")
-        out["cost_input"] = list(self.cost_input) if self.cost_input else None
-        return out
-
-
-# -- loading ---------------------------------------------------------------------------------------
 def _line_map(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
     """``{"resources.workers": 12, "space.model.rho": 7, ...}``: 1-based lines of every mapping key."""
     out = {} if out is None else out
@@ -426,7 +282,7 @@ def _parse_resources(spec: SweepSpec, data: dict) -> None:
 
 
 def _parse_cost(spec: SweepSpec, data: dict) -> None:
-    value = data.get("input", list(FIXED_INPUT))
+    value = data.get("input", list(FIXED_INPUT_HW))
     if value == "val":
         spec.cost_input = None
     elif (
@@ -456,48 +312,3 @@ def _check_trials(spec: SweepSpec) -> None:
             shown = ", ".join(f"{k}={v}" for k, v in params.items()) or f"preset {spec.preset}"
             key = next((f"space.{k}" for k in params), "preset")
             raise spec.error(key, f"the trial {shown} is invalid: {exc}") from None
-
-
-# -- resources -------------------------------------------------------------------------------------
-TRIAL_DRIVER_CPUS = 0.01  # the Tune trial actor only waits on its TorchTrainer
-
-
-def plan_trials(spec: SweepSpec, cluster: dict[str, float], data_headroom: float) -> tuple[float, int]:
-    """CPUs per worker and the number of trials that can run at once on ``cluster``.
-
-    Tune does not see the Train workers' placement groups, so without this cap it would start more
-    trials than the cluster holds and they would wait on each other's resources.
-    """
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    where = "resources"
-    if spec.gpus_per_worker > 0 and spec.workers * spec.gpus_per_worker > gpus + 1e-9:
-        raise spec.error(
-            where,
-            f"{spec.workers} workers x {spec.gpus_per_worker:g} GPUs = "
-            f"{spec.workers * spec.gpus_per_worker:g} GPUs per trial, but the Ray cluster has {gpus:g}",
-        )
-    usable = cpus - data_headroom
-    per_worker = spec.cpus_per_worker
-    if per_worker is None and spec.workers > cpus:
-        raise spec.error(
-            where,
-            f"a trial needs {spec.workers} workers but the Ray cluster has {cpus:g} CPUs; use at most "
-            f"{int(cpus)} workers (or pack several onto a CPU with an explicit cpus_per_worker)",
-        )
-    if per_worker is None:
-        per_worker = math.floor(min(1.0, usable / spec.workers) * 100) / 100
-    per_trial = spec.workers * per_worker + TRIAL_DRIVER_CPUS
-    if per_worker <= 0 or per_trial > usable + 1e-9:
-        raise spec.error(
-            where,
-            f"a trial needs {spec.workers} workers x {per_worker:g} CPUs, but the Ray cluster has {cpus:g} "
-            f"CPUs and {data_headroom:g} must stay free for Ray Data's reads; use fewer workers or a "
-            f"smaller cpus_per_worker (at most {max(usable - TRIAL_DRIVER_CPUS, 0) / spec.workers:.2f})",
-        )
-    fit = int((usable + 1e-9) // per_trial)
-    if spec.gpus_per_worker > 0:
-        fit = min(fit, int((gpus + 1e-9) // (spec.workers * spec.gpus_per_worker)))
-    concurrent = max(
-        1, min(fit, spec.max_concurrent or fit, spec.num_trials() if spec.algorithm == "grid" else fit)
-    )
-    return per_worker, concurrent

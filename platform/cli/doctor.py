@@ -1,6 +1,6 @@
 """`sdetr doctor`: report the toolchain and which multi-scale deformable attention backend is active.
 
-The CLI wires `add_doctor_arguments` and `main_doctor`; `doctor_report()` returns the text.
+`add_doctor_parser` registers the command, `main_doctor` runs it; `doctor_report()` returns the text.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import platform
 import shutil
 import subprocess
 import sys
-
-import torch
 
 
 def _run(cmd: list[str]) -> str:
@@ -47,6 +45,8 @@ def _ninja_line() -> str:
 
 
 def _gpus() -> str:
+    import torch  # slow to import: only when the command runs
+
     if not torch.cuda.is_available():
         return "none visible"
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -56,6 +56,8 @@ def _gpus() -> str:
 
 def doctor_report(load: bool = True) -> str:
     """Environment and ms_deform_attn backend report. ``load`` builds/loads the op if needed."""
+    import torch  # slow to import: only when the command runs
+
     from sdetr.detector import ops
 
     st = ops.backend_status(load=load)
@@ -107,7 +109,11 @@ def _indent(text: str) -> str:
     return text.replace("\n", "\n" + " " * 16)
 
 
-def add_doctor_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_doctor_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "doctor", help="check the installation and the active deformable-attention backend"
+    )
+    parser.set_defaults(func=main_doctor)
     parser.add_argument(
         "--build", action="store_true", help="build the compiled ms_deform_attn now (retrying a failed build)"
     )
@@ -130,7 +136,3 @@ def main_doctor(args: argparse.Namespace | None = None) -> int:
     print(doctor_report())
     st = ops.backend_status(load=False)
     return 0 if st.get("backend") == "compiled" or st.get("mode") == "pytorch" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main_doctor(add_doctor_arguments(argparse.ArgumentParser(prog="sdetr doctor")).parse_args()))

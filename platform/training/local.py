@@ -5,32 +5,36 @@ The epoch and evaluation functions live in engine.py and are shared with the Ray
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from sdetr.detector.build import build_criterion, build_model, count_parameters
-from sdetr.detector.checkpoint import read_checkpoint, save_atomic
+from sdetr.detector.checkpoint import save_atomic
 from sdetr.detector.config import Config, resolve_device
 from sdetr.detector.data import build_dataset, collate_fn
-from sdetr.detector.errors import CheckpointError, ConfigError, DataError
+from sdetr.detector.errors import ConfigError, DataError
 from sdetr.detector.evaluation.postprocess import PostProcess
-from sdetr.platform.engine import evaluate, train_one_epoch
-from sdetr.platform.optim import build_optimizer
-
-CHECKPOINT_GLOB = "checkpoint_epoch*.pth"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from sdetr.platform.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    append_jsonl,
+    single_process_checkpoint_name,
+    write_text_atomic,
+)
+from sdetr.platform.training.checkpointing import (
+    config_differences,
+    latest_checkpoint,
+    prune_checkpoints,
+    seed_everything,
+)
+from sdetr.platform.training.engine import evaluate, train_one_epoch
+from sdetr.platform.training.optim import build_optimizer
+from sdetr.platform.training.report import epoch_record, format_record
 
 
 def check_categories(dataset, num_classes: int, source: str) -> None:
@@ -79,40 +83,6 @@ def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoa
     return train_set, val_set, train_loader, val_loader
 
 
-def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; torn or corrupt files are skipped with a warning."""
-    for path in sorted(ckpt_dir.glob(CHECKPOINT_GLOB), reverse=True):
-        try:
-            return path, read_checkpoint(path)
-        except CheckpointError as exc:
-            print(f"warning: skipping unreadable checkpoint: {exc}")
-    return None
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    if keep <= 0:
-        return
-    for old in sorted(ckpt_dir.glob(CHECKPOINT_GLOB))[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-# Fields that may change between attempts of one run without making it a different run.
-RESUMABLE_CHANGES = (
-    "optim.epochs",
-    "train.progress",
-    "train.time_limit_s",
-    "data.num_workers",
-    "train.output_dir",
-)
-
-
-def config_differences(saved: dict, cfg: Config) -> list[str]:
-    """Dotted keys whose values differ between a checkpoint's config and ``cfg``."""
-    before = Config.from_dict(saved, source="checkpoint config").flat()
-    now = cfg.flat()
-    return [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
-
-
 def train(cfg: Config, log=print) -> list[dict[str, float]]:
     """Train ``cfg`` on one device; returns the per-epoch metrics (also written to metrics.jsonl).
 
@@ -120,7 +90,7 @@ def train(cfg: Config, log=print) -> list[dict[str, float]]:
     checkpoint (or does nothing when the run is finished); a different config is refused.
     """
     out_dir = Path(cfg.train.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = out_dir / CHECKPOINTS_DIR
     existing = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
     if existing:
         changed = config_differences(existing[1].get("config", {}), cfg)
@@ -154,7 +124,7 @@ def train(cfg: Config, log=print) -> list[dict[str, float]]:
         log(f"resuming from {path.name}: epoch {start_epoch + 1} of {cfg.optim.epochs}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    write_text_atomic(out_dir / CONFIG_FILE, cfg.to_yaml())
     log(
         f"{cfg.preset}: {count_parameters(model) / 1e6:.2f}M trainable parameters, "
         f"{len(train_set)} train / {len(val_set)} val images, device {device}"
@@ -181,8 +151,7 @@ def train(cfg: Config, log=print) -> list[dict[str, float]]:
         if progress is not None:
             progress.close()
         scheduler.step()
-        record = {"epoch": epoch, "train_time_s": time.monotonic() - t0}
-        record.update({f"train_{k}": v for k, v in stats.items()})
+        record = epoch_record(epoch, time.monotonic() - t0, stats)
         out_of_time = deadline is not None and time.monotonic() > deadline
         last = epoch + 1 == cfg.optim.epochs or out_of_time
         if (epoch + 1) % max(cfg.train.eval_every_epochs, 1) == 0 or last:
@@ -199,12 +168,11 @@ def train(cfg: Config, log=print) -> list[dict[str, float]]:
                 "history": history,
                 "rng": {"torch": torch.get_rng_state()},
             },
-            ckpt_dir / f"checkpoint_epoch{epoch:04d}.pth",
+            ckpt_dir / single_process_checkpoint_name(epoch),
         )
         prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(_format_record(record))
+        append_jsonl(out_dir / METRICS_FILE, record)
+        log(format_record(record))
         if out_of_time:
             log(f"time limit of {cfg.train.time_limit_s:.0f}s reached after epoch {epoch + 1}")
             break
@@ -217,12 +185,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _format_record(record: dict[str, float]) -> str:
-    parts = [f"epoch {int(record['epoch']) + 1}", f"loss {record.get('train_loss', float('nan')):.4f}"]
-    for key in ("AP", "AP50", "AP75"):
-        if key in record:
-            parts.append(f"{key} {record[key]:.3f}")
-    parts.append(f"{record['train_time_s']:.0f}s")
-    return " | ".join(parts)

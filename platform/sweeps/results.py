@@ -7,38 +7,44 @@ the sweep runs, after it was killed, and on a copy of its folder.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from sdetr.detector.errors import ConfigError
-
-TRIAL_STATES_FILE = "trial_states.json"  # Tune's verdicts, written when a sweep ends
-PARETO_DIR = "pareto"
-DYNAMIC_RHO_FILE = "dynamic_rho.json"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+from sdetr.platform.layout import (
+    DYNAMIC_RHO_FILE,
+    PARETO_DIR,
+    RUN_RECORD,
+    SWEEP_RECORD,
+    TRIAL_RECORD,
+    TRIAL_STATES_FILE,
+    TRIALS_DIR,
+    read_json,
+    write_json,
+)
+from sdetr.platform.pareto import (
+    ParetoPoint,
+    format_table,
+    label_for,
+    mark_front,
+    plot_png,
+    write_csv,
+    write_html,
+)
+from sdetr.platform.training.report import read_history
 
 
 def trial_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One dict per trial: its record, epochs done, the last epoch's metrics, its state and MLflow run."""
-    from sdetr.platform.ray_train import RUN_RECORD, read_history
-    from sdetr.platform.sweep import TRIAL_RECORD, TRIALS_DIR
-
-    states = _read_json(sweep_dir / TRIAL_STATES_FILE) or {}
+    states = read_json(sweep_dir / TRIAL_STATES_FILE) or {}
     rows = []
     for folder in sorted((sweep_dir / TRIALS_DIR).glob("*")):
-        record = _read_json(folder / TRIAL_RECORD)
+        record = read_json(folder / TRIAL_RECORD)
         if not record:
             continue
         history = read_history(folder)
-        run = (_read_json(folder / RUN_RECORD) or {}).get("mlflow") or {}
+        run = (read_json(folder / RUN_RECORD) or {}).get("mlflow") or {}
         done = len(history)
         if done >= record["epochs"]:
             state = "completed"
@@ -60,8 +66,6 @@ def trial_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def collect_points(sweep_dir: Path, log=print) -> list:
     """Pareto points: one per trial, plus the dynamic-ρ evaluations of trained trials."""
-    from sdetr.platform.pareto import ParetoPoint, label_for
-
     points = []
     for row in trial_rows(sweep_dir):
         cost = row["cost"]
@@ -81,7 +85,7 @@ def collect_points(sweep_dir: Path, log=print) -> list:
                 extra={"epochs_done": row["epochs_done"], "AP50": row["last"].get("AP50")},
             )
         )
-        dyn = _read_json(Path(row["folder"]) / DYNAMIC_RHO_FILE) or {}
+        dyn = read_json(Path(row["folder"]) / DYNAMIC_RHO_FILE) or {}
         # The curve's GFLOPs must be counted as the trials' were: on the same fixed input, or as a val mean.
         trial_input = cost.get("cost_input", "")
         fixed = trial_input.startswith("3x")
@@ -115,10 +119,8 @@ def collect_points(sweep_dir: Path, log=print) -> list:
 
 def record_states(sweep_dir: Path, grid) -> dict[str, str]:
     """Tune's verdict per trial: a trial Tune ended before its last epoch was stopped by the scheduler."""
-    from sdetr.platform.ray_train import write_json
-
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
-    states = _read_json(sweep_dir / TRIAL_STATES_FILE) or {}
+    states = read_json(sweep_dir / TRIAL_STATES_FILE) or {}
     for trial in trials:
         if trial.status == "ERROR":
             states[trial.trial_id] = "error"
@@ -133,9 +135,6 @@ def record_states(sweep_dir: Path, grid) -> dict[str, str]:
 def finalize(sweep_dir: Path, log=print, mlflow: bool = True) -> dict[str, Any]:
     """Compute the front, write pareto.csv/png/html, and mark it in MLflow (parent artifacts and a
     ``pareto_optimal`` tag on every trial run). Returns {"points": [...], "front": [...]}."""
-    from sdetr.platform.pareto import format_table, mark_front, plot_png, write_csv, write_html
-    from sdetr.platform.sweep import SWEEP_RECORD
-
     points = mark_front(collect_points(sweep_dir, log))
     out = sweep_dir / PARETO_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +146,7 @@ def finalize(sweep_dir: Path, log=print, mlflow: bool = True) -> dict[str, Any]:
     ]
     log(format_table(points))
     log(f"Pareto front: {', '.join(str(f) for f in files)}")
-    record = _read_json(sweep_dir / SWEEP_RECORD) or {}
+    record = read_json(sweep_dir / SWEEP_RECORD) or {}
     tracked = record.get("mlflow")
     if mlflow and tracked:
         _log_front(tracked, points, files)
@@ -180,11 +179,9 @@ def _log_front(tracked: dict[str, str], points: list, files: list[Path]) -> None
 
 def status_table(sweep_dir: Path) -> str:
     """``sdetr sweep status``: one line per trial."""
-    from sdetr.platform.sweep import SWEEP_RECORD
-
     if not (sweep_dir / SWEEP_RECORD).is_file():
         raise ConfigError(f"{sweep_dir}: no sweep there (no {SWEEP_RECORD})")
-    record = _read_json(sweep_dir / SWEEP_RECORD) or {}
+    record = read_json(sweep_dir / SWEEP_RECORD) or {}
     rows = trial_rows(sweep_dir)
     header = ("trial", "label", "epochs", "AP", "AP50", "GFLOPs", "state")
     lines = [header]

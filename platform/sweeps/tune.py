@@ -3,15 +3,11 @@
 The sweep driver (``run_sweep``) validates the sweep file against the cluster, shards the data once,
 creates the MLflow store, experiment and parent run once, then hands Tune a function trainable.
 Each trial's function (``trial_main``, the "trial driver") measures the model's cost, then runs the
-distributed trainer of ``ray_train`` with a callback that forwards rank 0's end-of-epoch reports,
-plus the cost, to Tune — so schedulers and searchers see AP and GFLOPs together.
+Ray Train run of its checked plan (trial.py) with a callback that forwards rank 0's end-of-epoch
+reports, plus the cost, to Tune — so schedulers and searchers see AP and GFLOPs together.
 
-A sweep lives in ``<storage>/<name>``::
-
-    sweep.yaml, sweep.json      the validated spec, the MLflow parent run and the data actually used
-    trials/<trial_id>/          the trial's Ray Train run (checkpoints, history.json, sdetr_trial.json)
-    pareto/                     pareto.csv, pareto.png, pareto.html
-    (Tune's own experiment state and trial folders)
+A sweep lives in ``<storage>/<name>`` (platform/layout.py): the validated spec and its record,
+``trials/<trial_id>/`` (each a Ray Train run), ``pareto/`` and Tune's own experiment state.
 
 Re-running or ``sdetr sweep resume`` restores the Tune experiment: finished trials are kept,
 unfinished and errored ones restart under the same trial id, so their Train runs resume from their
@@ -20,7 +16,6 @@ checkpoints and keep their MLflow runs.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -28,138 +23,21 @@ from typing import Any
 
 from sdetr.detector.errors import ConfigError
 from sdetr.platform import tracking
-from sdetr.platform.sweep_spec import OBJECTIVES, TRIAL_DRIVER_CPUS, SweepSpec, plan_trials
-
-SPEC_FILE = "sweep.yaml"
-SWEEP_RECORD = "sweep.json"
-TRIALS_DIR = "trials"
-TRIAL_RECORD = "sdetr_trial.json"
-COST_FILE = "cost.json"
-DEFAULT_STORAGE = "runs"
-
-
-# -- trial side ------------------------------------------------------------------------------------
-def _epoch_report_callback(extra: dict[str, Any], epochs: int):
-    """A Train callback, run in the Train controller, that forwards end-of-epoch reports to Tune.
-
-    Mid-epoch checkpoint reports carry no AP: forwarding them would hand schedulers and searchers
-    results without their metric. ``epochs_done`` counts across attempts (Tune's own
-    ``training_iteration`` restarts when a trial is resumed), so ASHA uses it as its time.
-    """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class EpochReportCallback(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            report = metrics[0]
-            if not report.get("epoch_end"):
-                return
-            done = int(report["epoch"]) + 1
-            merged = {**report, **extra, "epochs_done": done, "completed": done >= epochs}
-            super().after_report(run_context, [merged], checkpoint)
-
-    return EpochReportCallback()
-
-
-def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
-    """Parameters, GFLOPs (papers' convention) and speed of the trial's model, computed once per trial.
-
-    Known before training starts, so a trial's cost is in MLflow and Tune from its first report.
-    """
-    cached = folder / COST_FILE
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
-    from sdetr.platform.ray_train import write_json
-
-    res = cost_of_preset(
-        cfg,
-        input_hw=spec.cost_input or FIXED_INPUT_HW,
-        val_images=0 if spec.cost_input else spec.cost_val_images,
-        device="cuda" if spec.gpus_per_worker > 0 else "cpu",
-        fps=spec.cost_fps,
-    )
-    cost = {
-        "gflops": res["gflops"],
-        "gflops_all": res["gflops_all"],
-        "params": res["params_paper"],
-        "params_trainable": res["params_trainable"],
-        "fps": res["fps_b1"],
-        "fps_b4": res["fps_b4"],
-        "latency_ms": res["latency_ms"],
-        "cost_input": res["input"],
-        "cost_device": res["device"],
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(cached, cost)
-    return cost
-
-
-def trial_main(params: dict[str, Any], context: dict[str, Any]) -> None:
-    """One Tune trial: cost, then a Ray Train run named after the trial id (so a restart resumes it)."""
-    import torch
-    from ray import tune
-
-    from sdetr.platform import ray_train
-    from sdetr.platform.pareto import label_for
-
-    torch.set_num_threads(1)  # this process only waits on its Train workers (and counts FLOPs once)
-    spec: SweepSpec = context["spec"]
-    trial_id = tune.get_context().get_trial_id()
-    cfg = spec.trial_config(params)
-    cfg.data.root = context["data"]
-    folder = Path(context["sweep_dir"]) / TRIALS_DIR / trial_id
-    cost = trial_cost(cfg, spec, folder)
-    label = label_for(cfg.model.rho, cfg.model.backbone, cfg.preset)
-    extra = {**{k: v for k, v in cost.items() if isinstance(v, (int, float))}, "trial_label": label}
-    record = {
-        "trial_id": trial_id,
-        "params": params,
-        "label": label,
-        "preset": cfg.preset,
-        "backbone": cfg.model.backbone,
-        "rho": cfg.model.rho,
-        "epochs": cfg.optim.epochs,
-        "cost": cost,
-    }
-    ray_train.write_json(folder / TRIAL_RECORD, record)
-
-    history = ray_train.read_history(folder)
-    if history and len(history) >= cfg.optim.epochs:
-        # Trained to the end before the sweep driver died: report the final epoch without re-running.
-        last = history[-1]
-        tune.report({**last, **extra, "epochs_done": len(history), "completed": True})
-        return
-
-    mlflow = context.get("mlflow") or {}
-    opts = ray_train.DistributedOptions(
-        workers=spec.workers,
-        gpus_per_worker=spec.gpus_per_worker,
-        cpus_per_worker=context["cpus_per_worker"],
-        storage=str(Path(context["sweep_dir"]) / TRIALS_DIR),
-        name=trial_id,
-        address=None,
-        mlflow_uri=mlflow.get("tracking_uri") or "none",
-        max_failures=spec.max_failures,
-        checkpoint_every_steps=spec.checkpoint_every_steps,
-        experiment=spec.experiment,
-        data_reserve=context["data_reserve"],
-        callbacks=[_epoch_report_callback(extra, cfg.optim.epochs)],
-        mlflow_parent_run_id=mlflow.get("run_id"),
-        mlflow_tags={
-            "sdetr.sweep": spec.name,
-            "sdetr.trial_id": trial_id,
-            "sdetr.label": label,
-            "sdetr.ray_job_id": context.get("ray_job_id", ""),
-        },
-        mlflow_params={f"sweep.{k}": v for k, v in params.items()},
-        mlflow_metrics={f"cost/{k}": v for k, v in cost.items() if isinstance(v, (int, float))},
-    )
-    ray_train.run(cfg, opts)
-
-
-# -- driver side -----------------------------------------------------------------------------------
-def sweep_dir_of(storage: str | None, name: str) -> Path:
-    return Path(storage or DEFAULT_STORAGE).expanduser().resolve() / name
+from sdetr.platform.layout import (
+    DEFAULT_STORAGE,
+    OBJECTIVES,
+    SPEC_FILE,
+    SWEEP_RECORD,
+    read_json,
+    sweep_dir_of,
+    write_json,
+)
+from sdetr.platform.resources import TRIAL_DRIVER_CPUS, cluster_resources
+from sdetr.platform.storage import RunStorage, is_uri
+from sdetr.platform.sweeps.results import finalize, record_states
+from sdetr.platform.sweeps.spec import SweepSpec, plan_trials
+from sdetr.platform.sweeps.trial import SweepContext, trial_main
+from sdetr.platform.training.run_plan import check_categories, prepare_data
 
 
 def _same_spec(saved: dict[str, Any], spec: SweepSpec) -> list[str]:
@@ -180,8 +58,7 @@ def run_sweep(
     """Run (or continue) the sweep; returns {"sweep_dir", "trials": [...], "front": [...], "mlflow"}."""
     import yaml
 
-    from sdetr.platform import ray_train
-    from sdetr.platform.ray_data import check_shards, data_cpu_headroom, num_categories_max_id
+    from sdetr.platform.shards.dataset import check_shards
 
     name = name or spec.name
     if not name or "/" in name:
@@ -189,7 +66,7 @@ def run_sweep(
     storage = storage or spec.storage or DEFAULT_STORAGE
     sweep_dir = sweep_dir_of(storage, name)
     record_path = sweep_dir / SWEEP_RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    record = read_json(record_path) if record_path.is_file() else None
     if record is not None:
         saved = yaml.safe_load((sweep_dir / SPEC_FILE).read_text())
         changed = _same_spec(saved, spec)
@@ -203,25 +80,20 @@ def run_sweep(
 
     # Everything a user can get wrong, before a single trial starts.
     address = address or os.environ.get("RAY_ADDRESS") or None
-    cluster = ray_train.cluster_resources(address)
-    headroom = data_cpu_headroom()
-    cpus_per_worker, concurrent = plan_trials(spec, cluster, headroom)
+    cluster = cluster_resources(address)
+    cpus_per_worker, concurrent = plan_trials(spec, cluster)
     base = spec.trial_config({})
     data_root = spec.data or base.data.root
-    if not ray_train.is_uri(data_root) and not Path(data_root).expanduser().exists():
+    if not is_uri(data_root) and not Path(data_root).expanduser().exists():
         raise ConfigError(f"{spec.where('data')}: data: {Path(data_root).expanduser().resolve()} not found")
-    run_storage = ray_train.RunStorage(str(sweep_dir.parent), name)
-    data_path = ray_train.prepare_data(data_root, run_storage, log)
+    run_storage = RunStorage(str(sweep_dir.parent), name)
+    data_path = prepare_data(data_root, run_storage, log)
+
     check_shards(data_path, ["train", "val"])
-    max_id = num_categories_max_id(data_path)
     for params in spec.grid_points() or [{}]:
-        num_classes = spec.trial_config(params).model.num_classes
-        if max_id >= num_classes:
-            raise ConfigError(
-                f"{spec.where('preset')}: {data_path} has category ids up to {max_id} but the trial "
-                f"{params or spec.preset} has model.num_classes={num_classes}; "
-                f"add set: {{model.num_classes: {max_id + 1}}}"
-            )
+        trial = spec.trial_config(params)
+        where = f"{spec.where('preset')}: the trial {params or spec.preset}"
+        check_categories(data_path, trial.model.num_classes, where=where)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(
@@ -249,7 +121,7 @@ def run_sweep(
             log=log,
         )
     (sweep_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    ray_train.write_json(
+    write_json(
         record_path,
         {
             "name": name,
@@ -270,17 +142,14 @@ def run_sweep(
     if tracked:
         log(f"MLflow: {uri} (experiment {spec.experiment!r}, parent run {tracked.run_id})")
 
-    context = {
-        "spec": spec,
-        "sweep_dir": str(sweep_dir),
-        "data": data_path,
-        "cpus_per_worker": cpus_per_worker,
-        "data_reserve": headroom,
-        "mlflow": tracked.to_dict() if tracked else None,
-        "ray_job_id": job_id,
-    }
-    from sdetr.platform.sweep_results import record_states
-
+    context = SweepContext(
+        spec=spec,
+        sweep_dir=str(sweep_dir),
+        data=data_path,
+        cpus_per_worker=cpus_per_worker,
+        mlflow=tracked.to_dict() if tracked else None,
+        ray_job_id=job_id,
+    )
     if job_id:
         # A submitted job runs in its unpacked working_dir, which Ray's runtime-env agents may garbage-
         # collect mid-run (seen with two nodes on one machine); Tune's last steps need a valid cwd.
@@ -296,8 +165,6 @@ def run_sweep(
         status = "KILLED"
         raise
     finally:
-        from sdetr.platform.sweep_results import finalize
-
         try:
             summary = finalize(sweep_dir, log=log)
         except Exception as exc:
@@ -310,9 +177,9 @@ def run_sweep(
             log(f"interrupted: `sdetr sweep resume {name}` continues the unfinished trials")
         if tracked is not None:
             tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
-        record = json.loads(record_path.read_text())
+        record = read_json(record_path, default={})
         record["status"] = status.lower()
-        ray_train.write_json(record_path, record)
+        write_json(record_path, record)
     return {
         "sweep_dir": str(sweep_dir),
         "status": status.lower(),
@@ -353,7 +220,12 @@ def _search_alg(spec: SweepSpec):
 
 
 def _tune(
-    spec: SweepSpec, sweep_dir: Path, context: dict, concurrent: int, address: str | None, restore: bool
+    spec: SweepSpec,
+    sweep_dir: Path,
+    context: SweepContext,
+    concurrent: int,
+    address: str | None,
+    restore: bool,
 ):
     import ray
     from ray import tune
@@ -361,15 +233,15 @@ def _tune(
 
     if not ray.is_initialized():
         ray.init(address=address)
-    if not context["ray_job_id"]:
+    if not context.ray_job_id:
         # Run directly rather than submitted: the Ray driver's job id identifies it on the dashboard.
-        context["ray_job_id"] = ray.get_runtime_context().get_job_id()
-        if context["mlflow"]:
-            mlflow = context["mlflow"]
+        context.ray_job_id = ray.get_runtime_context().get_job_id()
+        if context.mlflow:
+            mlflow = context.mlflow
             tracking.set_tags(
                 tracking.client(mlflow["tracking_uri"]),
                 mlflow["run_id"],
-                {"sdetr.ray_job_id": context["ray_job_id"]},
+                {"sdetr.ray_job_id": context.ray_job_id},
             )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -429,7 +301,7 @@ def resume_sweep(
     spec_path = sweep_dir / SPEC_FILE
     if not spec_path.is_file():
         raise ConfigError(f"{sweep_dir}: no sweep there (no {SPEC_FILE}); `sdetr sweep run FILE` starts one")
-    record = json.loads((sweep_dir / SWEEP_RECORD).read_text())
+    record = read_json(sweep_dir / SWEEP_RECORD, default={})
     spec = load_saved_spec(spec_path)
     uri = ((record.get("mlflow") or {}).get("tracking_uri")) or "none"
     return run_sweep(spec, str(sweep_dir.parent), name, address=address, mlflow_uri=uri, resume=True, log=log)
@@ -438,7 +310,7 @@ def resume_sweep(
 def load_saved_spec(path: Path) -> SweepSpec:
     import yaml
 
-    from sdetr.platform.sweep_spec import Dimension
+    from sdetr.platform.sweeps.spec import Dimension
 
     data = yaml.safe_load(path.read_text())
     space = [Dimension(**d) for d in data.pop("space", [])]

@@ -63,6 +63,7 @@ def add_cost_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu or cuda")
     p.add_argument("--no-fps", action="store_true", help="skip the speed measurement")
+    p.set_defaults(func=cmd_cost)
     return p
 
 

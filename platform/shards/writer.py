@@ -33,10 +33,8 @@ schema version or annotation file is refused with a `DataError` unless ``overwri
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import json
 import os
 import time
 from collections import defaultdict
@@ -50,26 +48,9 @@ import pyarrow.parquet as pq
 
 from sdetr.detector.data.coco import LAYOUT, validate_annotations
 from sdetr.detector.errors import DataError
+from sdetr.platform.layout import TMP_MARK, write_json
+from sdetr.platform.shards.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, load_manifest
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("file_name", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("image", pa.binary()),
-        ("num_annotations", pa.int32()),
-        ("ann_ids", pa.list_(pa.int64())),
-        ("boxes", pa.list_(pa.float32())),  # flat COCO xywh, 4 per annotation
-        ("category_ids", pa.list_(pa.int32())),
-        ("iscrowd", pa.list_(pa.int8())),
-        ("area", pa.list_(pa.float32())),
-    ]
-)
-REQUIRED_COLUMNS = tuple(SCHEMA.names)
-_TMP_MARK = ".tmp-"  # temporary files are "<final name>.tmp-<pid>"
 _MAX_EXAMPLES = 5
 
 
@@ -121,38 +102,6 @@ def read_image_file(path: Path) -> tuple[bytes | None, tuple[int, int] | None, s
 
 
 # -- manifest ------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary sibling and rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a shard folder; `DataError` when it is missing or not a manifest."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(
-            f"{path} does not exist: {Path(out_dir)} is not a shard folder "
-            "(make one with `sdetr data shard --coco ROOT --out DIR`)"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the shard manifest ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise DataError(f"{path}: not an sdetr shard manifest (no 'splits' mapping)")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(
-            f"{path}: schema version {manifest.get('schema_version')!r}, this sdetr reads version "
-            f"{SCHEMA_VERSION}; re-shard with `sdetr data shard --overwrite`"
-        )
-    return manifest
-
-
 def _check_compatible(manifest: dict, params: dict, fingerprints: dict[str, str], path: Path) -> None:
     """Refuse to mix shards from another source, shard size or annotation file."""
     differ = [f"{k} {manifest.get(k)!r} -> {v!r}" for k, v in params.items() if manifest.get(k) != v]
@@ -216,7 +165,7 @@ def _row(info: dict, anns: list[dict], data: bytes) -> dict[str, Any]:
 
 def _write_shard(path: Path, rows: list[dict[str, Any]]) -> int:
     """Write rows to ``path`` through a temporary file; returns the final size in bytes."""
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     # JPEG bytes do not compress: store them plain and compress only the small columns.
     compression = {name: ("NONE" if name == "image" else "SNAPPY") for name in SCHEMA.names}
     pq.write_table(_rows_table(rows), tmp, compression=compression, use_dictionary=["file_name"])
@@ -282,7 +231,7 @@ def shard_coco(
         manifest = {**params, "created_by": "sdetr data shard", "splits": {}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
-    write_json_atomic(out / MANIFEST, manifest)  # from now on a crash leaves a resumable folder
+    write_json(out / MANIFEST, manifest, indent=1)  # from now on a crash leaves a resumable folder
 
     summary: dict[str, Any] = {"out_dir": str(out), "shard_size": shard_size}
     for split in splits:
@@ -300,7 +249,7 @@ def shard_coco(
             num_threads,
         )
     manifest["total_images"] = sum(s["num_images"] for s in manifest["splits"].values())
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest, indent=1)
     summary["total_images"] = manifest["total_images"]
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
@@ -346,7 +295,7 @@ def _shard_split(
     manifest["splits"][split] = entry
     folder = out / split
     folder.mkdir(exist_ok=True)
-    for stale in folder.glob(f"*{_TMP_MARK}*"):  # torn writes of an interrupted run
+    for stale in folder.glob(f"*{TMP_MARK}*"):  # torn writes of an interrupted run
         stale.unlink()
 
     # The chunking depends on the annotation file only (not on which images turn out unreadable),
@@ -371,7 +320,7 @@ def _shard_split(
             entry["shards"].append(record)
             skipped_images += record["skipped_images"]
             entry["num_images"] += record["rows"]
-            write_json_atomic(out / MANIFEST, manifest)
+            write_json(out / MANIFEST, manifest, indent=1)
             bar.update(len(chunk))
     bar.close()
     # Shards of a longer earlier plan cannot exist (same annotation file, same shard size), but a
@@ -390,7 +339,7 @@ def _shard_split(
     ground_truth = dict(data)
     ground_truth["images"] = [img for img in data["images"] if img["id"] not in bad_ids]
     ground_truth["annotations"] = [a for a in data["annotations"] if a["image_id"] not in bad_ids]
-    write_json_atomic(out / "annotations" / f"instances_{split}.json", ground_truth)
+    write_json(out / "annotations" / f"instances_{split}.json", ground_truth, indent=1)
 
     num_annotations = len(ground_truth["annotations"])
     entry.update(
@@ -408,7 +357,7 @@ def _shard_split(
             max((s["max_image_id"] for s in entry["shards"] if s["rows"]), default=None),
         ],
     )
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest, indent=1)
 
     warnings = [line for line in [report.warning_line()] if line]
     if skipped_images:
@@ -472,55 +421,3 @@ def _build_shard(
         "max_image_id": max(ids, default=None),
         "skipped_images": skipped,
     }
-
-
-# -- command line --------------------------------------------------------------------------------
-def add_shard_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``shard`` under the ``sdetr data`` sub-parsers."""
-    p = subparsers.add_parser(
-        "shard",
-        help="convert a COCO-layout data set into Parquet shards for Ray Data",
-        description=__doc__.splitlines()[0],
-    )
-    p.add_argument("--coco", required=True, type=Path, help="data root in the COCO 2017 layout")
-    p.add_argument("--out", required=True, type=Path, help="shard folder to write (re-running resumes)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per Parquet file (default 1000)")
-    p.add_argument("--splits", default="train,val", help="comma-separated splits (default train,val)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards made from another source/size")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=cmd_shard)
-    return p
-
-
-def cmd_shard(args) -> int:
-    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
-    summary = shard_coco(
-        args.coco,
-        args.out,
-        shard_size=args.shard_size,
-        splits=splits,
-        progress=args.progress,
-        overwrite=args.overwrite,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sdetr.platform.shard ...`` until the CLI wires the command in."""
-    parser = argparse.ArgumentParser(prog="sdetr data")
-    add_shard_parser(parser.add_subparsers(dest="data_cmd", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from sdetr.detector.errors import SdetrError
-
-    try:
-        sys.exit(main())
-    except SdetrError as exc:
-        print(f"sdetr: error: {exc}", file=sys.stderr)
-        sys.exit(2)

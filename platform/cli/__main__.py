@@ -1,0 +1,5 @@
+import sys
+
+from sdetr.platform.cli.main import main
+
+sys.exit(main())

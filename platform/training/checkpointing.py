@@ -1,0 +1,151 @@
+"""Checkpoints and the RNG: what a run saves to resume exactly, which checkpoint it resumes from, and
+which config changes still make it the same run. Shared by the single-process trainer and Ray workers."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdetr.detector.checkpoint import read_checkpoint
+from sdetr.detector.config import Config
+from sdetr.detector.errors import CheckpointError
+from sdetr.platform.layout import CHECKPOINT_GLOB, EVENTS_FILE, STATE_FILE, append_jsonl
+
+# Fields that may change between attempts of one run without making it a different run.
+RESUMABLE_CHANGES = (
+    "optim.epochs",
+    "train.progress",
+    "train.time_limit_s",
+    "data.num_workers",
+    "train.output_dir",
+)
+# On top of those, for Ray runs: how often to checkpoint and log.
+RESUMABLE_DISTRIBUTED = (
+    *RESUMABLE_CHANGES,
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.log_every_steps",
+)
+
+
+def config_differences(saved: dict, cfg: Config, resumable=RESUMABLE_CHANGES) -> list[str]:
+    """Dotted keys, other than ``resumable`` ones, whose values differ between a saved config and ``cfg``."""
+    before = Config.from_dict(saved, source="checkpoint config").flat()
+    now = cfg.flat()
+    return [k for k in now if k not in resumable and before.get(k) != now[k]]
+
+
+def record_event(run_dir: Path | None, **fields) -> None:
+    """One line of ``events.jsonl`` (starts, checkpoints, resumes, skipped checkpoints), for operators."""
+    if run_dir is not None:
+        append_jsonl(run_dir / EVENTS_FILE, {"time": time.time(), **fields})
+
+
+# -- RNG -------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- single-process checkpoints -------------------------------------------------------------------
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; torn or corrupt files are skipped with a warning."""
+    for path in sorted(ckpt_dir.glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as exc:
+            print(f"warning: skipping unreadable checkpoint: {exc}")
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in sorted(ckpt_dir.glob(CHECKPOINT_GLOB))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+# -- Ray checkpoints -------------------------------------------------------------------------------
+def reported_checkpoints() -> list:
+    """Registered checkpoints, newest first. Only these: a report made just before a crash may be on
+    disk without ever having been registered, so the newest folder on disk is not trusted."""
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    latest = ray.train.get_checkpoint()
+    try:
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=CheckpointConsistencyMode.COMMITTED
+        )
+        older = [r.checkpoint for r in reversed(reported)]
+    except Exception:  # an older Ray without the API: the latest alone
+        older = []
+    ordered = [latest] if latest is not None else []
+    ordered += [c for c in older if latest is None or c.path != latest.path]
+    return ordered
+
+
+def restore_state(rank: int, world: int, run_dir: Path | None) -> tuple[dict | None, str | None, set[str]]:
+    """The newest readable checkpoint's state (rank 0 picks it, every rank loads it), its path, and
+    the folder names of all registered checkpoints (new checkpoints must not reuse them)."""
+    import torch.distributed as dist
+
+    chosen = None
+    state = None
+    taken: set[str] = set()
+    if rank == 0:
+        candidates = reported_checkpoints()
+        taken = {Path(c.path).name for c in candidates}
+        for ckpt in candidates:
+            try:
+                with ckpt.as_directory() as folder:
+                    state = read_checkpoint(Path(folder) / STATE_FILE)
+                chosen = ckpt
+                break
+            except CheckpointError as exc:
+                print(f"warning: skipping unreadable checkpoint {ckpt.path}: {exc}")
+                record_event(run_dir, event="skipped_checkpoint", checkpoint=ckpt.path, reason=str(exc))
+        if candidates and chosen is None:
+            raise CheckpointError(
+                f"none of the {len(candidates)} registered checkpoints can be read "
+                f"(newest: {candidates[0].path}); start a new run with another --name"
+            )
+    if world > 1:
+        box = [chosen, taken]
+        dist.broadcast_object_list(box, src=0)
+        chosen, taken = box
+    if chosen is None:
+        return None, None, taken
+    if state is None:
+        with chosen.as_directory() as folder:
+            state = read_checkpoint(Path(folder) / STATE_FILE)
+    return state, chosen.path, taken

@@ -1,0 +1,171 @@
+"""The Ray Train driver: ``sdetr train --preset P --data PATH --workers N`` and each sweep trial.
+
+`run` checks everything (`run_plan.plan_run`) and launches; a sweep's trial driver launches its own
+checked plan. `launch` continues an earlier attempt of the same run (refusing a different config),
+creates or continues the run's MLflow run once, writes the run folder's config and record, and hands
+a plain config dict to a ``TorchTrainer`` whose workers run `worker.train_func`.
+
+A run lives in ``<storage>/<name>`` (file names in platform/layout.py). Running the same command again
+continues the run: Ray finds its snapshot, the workers restore the latest readable checkpoint at its
+exact step, and the same MLflow run receives the new metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from sdetr.detector.config import Config
+from sdetr.detector.errors import SdetrError
+from sdetr.platform import tracking
+from sdetr.platform.layout import CONFIG_FILE, RUN_RECORD, STATE_FILE
+from sdetr.platform.training.run_plan import DistributedOptions, RunPlan, check_previous_run, plan_run
+
+
+class TrainingFailed(SdetrError):
+    """The worker group failed more often than --max-failures allows."""
+
+
+def run(cfg: Config, opts: DistributedOptions, log=print) -> dict[str, Any]:
+    """Train ``cfg`` on a Ray cluster; returns a summary (run folder, checkpoint, metrics, MLflow run)."""
+    return launch(plan_run(cfg, opts, log), log)
+
+
+def launch(plan: RunPlan, log=print) -> dict[str, Any]:
+    """Run a checked plan to its last epoch (or continue it); see the module docstring."""
+    cfg, storage = plan.cfg, plan.storage
+    record = check_previous_run(storage, cfg, plan.workers)
+    tracked = start_tracking(plan, record, log)
+    storage.write_text(CONFIG_FILE, cfg.to_yaml())
+    run_record = {
+        "name": storage.name,
+        "workers": plan.workers,
+        "data": plan.data_path,
+        "mlflow": tracked.to_dict() if tracked else None,
+        "created": (record or {}).get("created", time.time()),
+    }
+    storage.write_text(RUN_RECORD, json.dumps(run_record, indent=1))
+    gpus = f" + {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else ""
+    log(
+        f"{'resuming' if record is not None else 'starting'} run {storage.run_dir}: {plan.workers} workers x "
+        f"{plan.cpus_per_worker:g} CPU{gpus}, {plan.steps_per_epoch} steps/epoch, {cfg.optim.epochs} epochs"
+    )
+    try:
+        result = fit(plan, tracked)
+    except BaseException as exc:
+        if tracked is not None:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
+        raise
+    if tracked is not None:
+        tracking.finish_run(tracked.tracking_uri, tracked.run_id, "FINISHED")
+    checkpoint = result.checkpoint
+    return {
+        "run_dir": storage.run_dir,
+        "checkpoint": checkpoint.path if checkpoint is not None else None,
+        "state_file": f"{checkpoint.path}/{STATE_FILE}" if checkpoint is not None else None,
+        "metrics": dict(result.metrics or {}),
+        "mlflow": tracked.to_dict() if tracked else None,
+        "data": plan.data_path,
+    }
+
+
+def start_tracking(plan: RunPlan, record: dict | None, log=print):
+    """Create the run's MLflow run, or continue the one of an earlier attempt. Created here, once, by the
+    driver: concurrent creation by the workers would race."""
+    placement, storage, cfg = plan.mlflow, plan.storage, plan.cfg
+    if placement.tracking_uri is None:
+        return None
+    if storage.root_local is not None:
+        storage.root_local.mkdir(parents=True, exist_ok=True)
+    params = dict(cfg.flat())
+    params.update(
+        {
+            "ray.workers": plan.workers,
+            "ray.global_batch": cfg.optim.batch_size * plan.workers,
+            "ray.run_dir": storage.run_dir,
+        }
+    )
+    params.update(placement.params)
+    previous = (record or {}).get("mlflow") or {}
+    same_store = previous.get("tracking_uri") == placement.tracking_uri
+    tracked = tracking.start_run(
+        placement.tracking_uri,
+        storage.name,
+        experiment=placement.experiment,
+        artifact_location=storage.artifact_location(),
+        previous_run_id=previous.get("run_id") if same_store else None,
+        params=params,
+        tags={"sdetr.run_dir": storage.run_dir, "sdetr.preset": cfg.preset, **placement.tags},
+        parent_run_id=placement.parent_run_id,
+        # A run created just before the driver died, before its id reached the run record.
+        match_tags={"sdetr.run_dir": storage.run_dir},
+        log=log,
+    )
+    if placement.metrics and not tracked.resumed:
+        logger = tracking.MetricLogger(placement.tracking_uri, tracked.run_id)
+        logger.log(placement.metrics, 0)
+        logger.flush()
+    return tracked
+
+
+def fit(plan: RunPlan, tracked):
+    """The ``TorchTrainer`` of the plan, fitted (Ray resumes a named run from its snapshot)."""
+    import ray
+    import ray.train
+    from ray.data import DataContext
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sdetr.platform.shards.reader import dataset_config, read_split
+    from sdetr.platform.training.worker import train_func
+
+    cfg, storage = plan.cfg, plan.storage
+    if not ray.is_initialized():
+        ray.init(address=plan.address)
+    ctx = DataContext.get_current()
+    # Exact resume needs every worker to get the same rows in the same order each epoch.
+    ctx.execution_options.preserve_order = True
+    # Per-worker, per-dataset progress bars drown the per-epoch lines; the datasets copy this context.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    use_gpu = plan.gpus_per_worker > 0
+    resources = {"CPU": plan.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = plan.gpus_per_worker
+    keep = cfg.train.keep_checkpoints
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "data": plan.data_path,
+            "run_dir": str(storage.local) if storage.local is not None else None,
+            "checkpoint_root": storage.run_dir,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "threads": max(1, int(plan.cpus_per_worker)),
+            "mlflow": tracked.to_dict() if tracked else None,
+            "trace_data": plan.trace_data,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=storage.name,
+            storage_path=storage.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
+            # The newest checkpoint is always kept; keeping at least two lets a torn newest one fall
+            # back to the one before.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep if keep > 0 else None),
+            callbacks=list(plan.callbacks),
+        ),
+        datasets={
+            "train": read_split(plan.data_path, "train", max_images=cfg.data.max_train_images),
+            "val": read_split(plan.data_path, "val", max_images=cfg.data.max_val_images),
+        },
+        dataset_config=dataset_config(),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(f"training failed after {plan.max_failures} restart(s): {exc}") from exc
