@@ -279,7 +279,7 @@ def test_backend_status(op):
     st = ops.backend_status()
     assert st["backend"] == "compiled" and st["loaded"] and st["devices"]["cpu"] == "compiled"
     assert st["build_dir"] and st["reason"] and st["fix"]
-    from sdetr.platform.doctor import doctor_report
+    from sdetr.platform.cli.doctor import doctor_report
 
     report = doctor_report()
     assert "ms_deform_attn" in report and "backend       compiled" in report
@@ -292,7 +292,7 @@ def test_fallback_without_compiler(tmp_path):
         import os, warnings, torch
         from sdetr.detector import ops
         from sdetr.detector.layers.ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch
-        from sdetr.platform.doctor import main_doctor
+        from sdetr.platform.cli.doctor import main_doctor
         ss = torch.tensor([[3, 4], [2, 2]]); lsi = torch.tensor([0, 12])
         args = (torch.randn(1, 16, 2, 4), ss, lsi, torch.rand(1, 5, 2, 2, 2, 2), torch.rand(1, 5, 2, 2, 2))
         os.environ[ops.BACKEND_ENV] = "compiled"

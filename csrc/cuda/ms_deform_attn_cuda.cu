@@ -1,4 +1,6 @@
-// CUDA backend of sdetr::ms_deform_attn and its backward: fp32, fp64, fp16 and bf16 values, any batch size.
+// Opt-in CUDA C++ backend of sdetr::ms_deform_attn and its backward (built with SDETR_MSDA_CUDA=1, used with
+// SDETR_MSDA_CUDA_IMPL=cpp; the default CUDA kernels are Triton's, sdetr/detector/ops/triton_msda.py):
+// fp32, fp64, fp16 and bf16 values, any batch size.
 //
 // Arithmetic runs in acc_t = at::acc_type<scalar_t, true> (float for fp16/bf16/fp32, double for fp64):
 // sampling locations and attention weights are converted to acc_t, value is read in its own dtype and
@@ -303,7 +305,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 
 }  // namespace sdetr
 
+// The opt-in backend: its own ops, which the CUDA kernel of sdetr::ms_deform_attn (registered from Python,
+// sdetr.detector.ops.cuda_impl) calls when SDETR_MSDA_CUDA_IMPL=cpp. The Triton kernels are the default.
+TORCH_LIBRARY_FRAGMENT(sdetr, m) {
+  m.def(
+      "ms_deform_attn_cuda_cpp(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward_cuda_cpp(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(sdetr, CUDA, m) {
-  m.impl("ms_deform_attn", &sdetr::ms_deform_attn_cuda);
-  m.impl("ms_deform_attn_backward", &sdetr::ms_deform_attn_backward_cuda);
+  m.impl("ms_deform_attn_cuda_cpp", &sdetr::ms_deform_attn_cuda);
+  m.impl("ms_deform_attn_backward_cuda_cpp", &sdetr::ms_deform_attn_backward_cuda);
 }

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sdetr.detector.ops import build as _build
 from sdetr.detector.ops.build import FIX_DOCTOR, cpu_isa, openmp_available, plan
+from sdetr.detector.ops.cuda_impl import cuda_impl
 
 BACKEND_ENV = "SDETR_MSDA_BACKEND"
 _MODES = ("auto", "compiled", "pytorch")
@@ -45,13 +46,13 @@ def use_compiled(value: Tensor) -> bool:
         return False
     st = _build.load_state if (_build.load_state is not None and _build.load_state.loaded) else _build.load()
     device = value.device.type
-    if not st.loaded:
-        problem, fix = st.reason, st.fix
-    elif device == "cpu" or (device == "cuda" and st.cuda):
+    if (device == "cpu" and st.loaded) or (device == "cuda" and (st.triton or st.cuda)):
         return True
+    if device == "cpu":
+        problem, fix = st.reason, st.fix
     elif device == "cuda":
-        problem = f"the compiled op was built without CUDA kernels ({st.cuda_reason or 'unknown reason'})"
-        fix = "install a CUDA toolkit matching torch.version.cuda, set CUDA_HOME, run `sdetr doctor --build`"
+        problem = "Triton is not installed (it serves CUDA tensors) and the CUDA C++ kernels are not built"
+        fix = "install triton (it comes with torch's CUDA wheels), or build with SDETR_MSDA_CUDA=1"
     else:
         problem, fix = f"the compiled op has no kernels for device type {device!r}", "none needed"
     if mode == "compiled":
@@ -105,6 +106,7 @@ def backend_status(load: bool = True) -> dict:
         "backend": "pytorch",
         "devices": {"cpu": "pytorch", "cuda": ("pytorch" if cuda_avail else "n/a (no CUDA device)")},
         "loaded": bool(st and st.loaded),
+        "triton": bool(st and st.triton),
         "cuda_kernels": bool(st and st.cuda),
         "build_dir": (st.build_dir if st and st.build_dir else build_dir),
         "library": st.library if st else "",
@@ -124,20 +126,21 @@ def backend_status(load: bool = True) -> dict:
         status["reason"] = "not loaded yet (it builds/loads on first use)"
         status["fix"] = "call sdetr.detector.ops.build() or run `sdetr doctor --build` to build ahead of time"
         return status
+    if cuda_avail and (st.triton or st.cuda):
+        try:
+            status["devices"]["cuda"] = "triton" if cuda_impl() == "triton" else "compiled (CUDA C++)"
+        except (ValueError, RuntimeError) as e:
+            status["devices"]["cuda"] = f"error: {e}"
     if not st.loaded:
         status["reason"], status["fix"] = st.reason, st.fix
         return status
     status["backend"] = "compiled"
     status["devices"]["cpu"] = "compiled"
-    if cuda_avail:
-        status["devices"]["cuda"] = "compiled" if st.cuda else "pytorch"
-    if cuda_avail and not st.cuda:
-        status["reason"] = f"compiled op active on CPU only; CUDA kernels not built: {st.cuda_reason}"
-        status["fix"] = (
-            "install a CUDA toolkit matching torch.version.cuda, set CUDA_HOME, `sdetr doctor --build`"
-        )
-    else:
-        how = {"cached": "loaded from the build cache", "built": "built and loaded"}.get(st.how, st.how)
-        status["reason"] = f"compiled op {how} ({'CPU + CUDA' if st.cuda else 'CPU'} kernels)"
-        status["fix"] = "nothing to fix"
+    how = {"cached": "loaded from the build cache", "built": "built and loaded"}.get(st.how, st.how)
+    kernels = "CPU" + (" + CUDA C++" if st.cuda else "") + (", Triton for CUDA" if st.triton else "")
+    status["reason"] = f"compiled op {how} ({kernels} kernels)"
+    status["fix"] = "nothing to fix"
+    if cuda_avail and not (st.triton or st.cuda):
+        status["reason"] += "; no CUDA kernels: Triton is not installed"
+        status["fix"] = "install triton (it comes with torch's CUDA wheels)"
     return status

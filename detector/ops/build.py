@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from sdetr.detector.ops.registrations import op_loaded, register_python
+from sdetr.detector.ops import registrations
+from sdetr.detector.ops.registrations import register_python
+from sdetr.detector.ops.triton_util import triton_available
 
 EXT_DIR_ENV = "SDETR_EXT_DIR"
 CUDA_ENV = "SDETR_MSDA_CUDA"
@@ -80,9 +82,10 @@ def find_cuda_home() -> str | None:
 
 def _cuda_plan() -> tuple[bool, str]:
     """Whether the CUDA sources go into the build, and why (not)."""
-    want = os.environ.get(CUDA_ENV, "auto").strip().lower() or "auto"
+    # Opt-in: CUDA tensors are served by the Triton kernels; the CUDA C++ ones are an alternative backend.
+    want = os.environ.get(CUDA_ENV, "0").strip().lower() or "0"
     if want in ("0", "no", "false", "off"):
-        return False, f"{CUDA_ENV}={want}"
+        return False, f"CUDA C++ kernels are opt-in ({CUDA_ENV}=1 builds them); Triton serves CUDA tensors"
     if torch.version.cuda is None:
         return False, "torch is a CPU-only build"
     forced = want in ("1", "yes", "true", "on")
@@ -169,7 +172,8 @@ def plan(openmp: bool | None = None) -> _Plan:
 @dataclasses.dataclass
 class _State:
     loaded: bool = False
-    cuda: bool = False  # the loaded library has CUDA kernels
+    cuda: bool = False  # the loaded library has the (opt-in) CUDA C++ kernels
+    triton: bool = False  # the Triton kernels serve CUDA tensors
     build_dir: str = ""
     library: str = ""
     reason: str = ""
@@ -185,8 +189,16 @@ _lock = threading.RLock()
 load_state: _State | None = None
 
 
-def _has_cuda_kernel() -> bool:
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("sdetr::ms_deform_attn", "CUDA"))
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+    except RuntimeError:  # no such op
+        return False
+
+
+def cpu_kernels_loaded() -> bool:
+    """The C++ library (CPU kernels) is loaded in this process."""
+    return _has_kernel("sdetr::ms_deform_attn", "CPU")
 
 
 def _library_file(build_dir: Path, name: str) -> Path | None:
@@ -334,25 +346,37 @@ def load(verbose: bool = False, force: bool = False) -> _State:
     with _lock:
         if load_state is not None and (load_state.loaded or not force):
             return load_state
-        if op_loaded():
+        if cpu_kernels_loaded():
             # Loaded by someone else (e.g. torch.ops.load_library): just add the Python registrations.
             st = _State(how="already loaded")
+        elif registrations.schema_from_python:
+            st = load_state or _State()
+            st.reason = (
+                "the op was defined from Python after the C++ library failed to build in this process "
+                f"({st.reason or 'see above'}); the library cannot be loaded on top of that"
+            )
+            st.fix = "restart the process (after fixing the build: `sdetr doctor --build`)"
         else:
             try:
                 build_plan = plan()
                 st = _build_and_load(build_plan, verbose, force)
-                if not op_loaded() and build_plan.openmp and st.build_failed:
+                if not cpu_kernels_loaded() and build_plan.openmp and st.build_failed:
                     # A compiler without OpenMP support: retry without it (serial CPU kernels).
                     st2 = _build_and_load(plan(openmp=False), verbose, force)
-                    if op_loaded():
+                    if cpu_kernels_loaded():
                         st = st2
             except Exception as e:  # noqa: BLE001
                 st = _State(reason=f"{type(e).__name__}: {e}", fix=FIX_DOCTOR)
-        if op_loaded():
+        if cpu_kernels_loaded():
             register_python()
             st.loaded = True
-            st.cuda = _has_cuda_kernel()
             st.reason = st.fix = ""
+        elif triton_available():
+            # No C++ library: the schema from Python, so that Triton still serves CUDA tensors.
+            registrations.define_schema()
+            register_python()
+        st.cuda = _has_kernel("sdetr::ms_deform_attn_cuda_cpp", "CUDA")
+        st.triton = registrations.cuda_registered and triton_available()
         load_state = st
         return st
 

@@ -1,5 +1,15 @@
-"""What torch needs around the compiled kernels: autograd, fake (meta) implementations for
-``torch.compile``/``FakeTensorMode``, and FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``.
+"""What torch needs around the kernels: autograd, fake (meta) implementations for
+``torch.compile``/``FakeTensorMode``, FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``, the
+CUDA kernel (Triton, `cuda_impl`) and the autocast rule.
+
+The op's schema comes from the C++ library (``csrc/ms_deform_attn.cpp``), which also holds the CPU kernels.
+When that library cannot be built (no compiler), `define_schema` defines the same schema from Python so
+that the Triton kernels still serve CUDA tensors; the CPU then has no kernel for the op (the model uses the
+pure-PyTorch path there), and the C++ library cannot be loaded later in that process.
+
+Autocast (CPU and CUDA): sampling_locations and attention_weights are cast to float32 (a bf16 location is
+off by up to 0.4 px on a 107-px map), value keeps its dtype (the kernels read fp16/bf16 values and
+accumulate in float32); the output has value's dtype.
 
 The C++ library names this module (``set_python_module``): torch imports it when it needs the fake
 implementation of an op that was loaded without it.
@@ -14,8 +24,19 @@ import torch
 from sdetr.detector.ops.flops import ms_deform_attn_flop_counter_flops
 from sdetr.detector.ops.kda import register_kda
 
+SCHEMAS = (
+    "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor sampling_locations, Tensor attention_weights) -> Tensor",
+    "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+    "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+    "-> (Tensor, Tensor, Tensor)",
+)
 _lock = threading.Lock()
 _python_registered = False
+# torch.library.Library objects own their registrations: kept for the life of the process.
+_libraries: list = []
+schema_from_python = False
+cuda_registered = False  # the Python CUDA kernel (Triton / opt-in C++) is registered
 
 
 def op_loaded() -> bool:
@@ -24,6 +45,48 @@ def op_loaded() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def define_schema() -> None:
+    """Define the ops from Python (same schemas and tags as the C++ library), when it is not loaded."""
+    global schema_from_python
+    with _lock:
+        if op_loaded():
+            return
+        lib = torch.library.Library("sdetr", "DEF")
+        for schema in SCHEMAS:
+            lib.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+        _libraries.append(lib)
+        schema_from_python = True
+
+
+def _to_fp32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _autocast_kernel(dispatch_key):
+    def kernel(keyset, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
+            loc, attn = _to_fp32(sampling_locations), _to_fp32(attention_weights)
+            return torch.ops.sdetr.ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn)
+
+    return kernel
+
+
+def _register_cuda_and_autocast() -> None:
+    global cuda_registered
+    from sdetr.detector.ops import cuda_impl
+
+    lib = torch.library.Library("sdetr", "IMPL")
+    if cuda_impl.triton_available() or cuda_impl.cpp_cuda_kernels():
+        lib.impl("ms_deform_attn", cuda_impl.forward_cuda, "CUDA")
+        lib.impl("ms_deform_attn_backward", cuda_impl.backward_cuda, "CUDA")
+        cuda_registered = True
+    for device in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device)
+        kernel = _autocast_kernel(getattr(torch._C.DispatchKey, key))
+        lib.impl("ms_deform_attn", kernel, key, with_keyset=True)
+    _libraries.append(lib)
 
 
 def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -93,6 +156,7 @@ def register_python() -> None:
         torch.library.register_autograd("sdetr::ms_deform_attn", _backward, setup_context=_setup_context)
         register_flop_formula(torch.ops.sdetr.ms_deform_attn)(_flop_forward)
         register_flop_formula(torch.ops.sdetr.ms_deform_attn_backward)(_flop_backward)
+        _register_cuda_and_autocast()
         register_kda()
         _python_registered = True
 
