@@ -149,7 +149,9 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = "runs/train"
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16 (GPU only)
+    # Mixed precision of the model's forward (losses stay fp32): none | bf16 (CPU or GPU) | fp16 (GPU only,
+    # with a gradient scaler). `amp_dtype` checks it against the device.
+    amp: str = "none"
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     keep_checkpoints: int = 2
     eval_every_epochs: int = 1
@@ -225,6 +227,26 @@ class Config:
         return self
 
 
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def amp_dtype(amp: str, device_type: str, where: str = "train.amp"):
+    """The autocast dtype of ``train.amp`` on ``device_type`` ("cpu" / "cuda"), or None for ``none``.
+
+    bf16 runs on CPU and GPU; fp16 only on a GPU (CPU autocast in fp16 is slow and needs loss scaling that
+    the trainer only sets up on CUDA). Anything else is a ConfigError.
+    """
+    import torch
+
+    if amp not in AMP_MODES:
+        raise ConfigError(f"{where}: expected one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "none":
+        return None
+    if amp == "fp16" and device_type != "cuda":
+        raise ConfigError(f"{where}=fp16 needs a CUDA GPU (the device is {device_type}); use bf16 on the CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
 def resolve_device(name: str = "auto"):
     """``auto`` → the GPU when one is visible, else the CPU; asking for CUDA without one is a ConfigError."""
     import torch
@@ -272,7 +294,7 @@ def set_by_path(cfg: Config, path: str, value: Any, source: str) -> None:
     for part in parts[:-1]:
         obj = getattr(obj, part)
     hints = typing.get_type_hints(type(obj))
-    setattr(obj, parts[-1], coerce(value, hints[parts[-1]], f"{source} {path}"))
+    setattr(obj, parts[-1], _checked(path, coerce(value, hints[parts[-1]], f"{source} {path}"), source))
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
@@ -320,6 +342,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _checked(path: str, value: Any, source: str) -> Any:
+    """Values with a fixed set of choices (train.amp) are checked when they are set."""
+    if path == "train.amp" and value not in AMP_MODES:
+        raise ConfigError(f"{source}: train.amp must be one of {', '.join(AMP_MODES)}, got {value!r}")
+    return value
+
+
 def _update_dataclass(obj: Any, data: dict[str, Any], source: str, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
@@ -336,4 +365,5 @@ def _update_dataclass(obj: Any, data: dict[str, Any], source: str, prefix: str) 
                 raise ConfigError(f"{source}: {prefix}{key} must be a mapping")
             _update_dataclass(current, value, source, prefix=f"{prefix}{key}.")
         else:
-            setattr(obj, key, coerce(value, hints[key], f"{source}: {prefix}{key}"))
+            value = coerce(value, hints[key], f"{source}: {prefix}{key}")
+            setattr(obj, key, _checked(f"{prefix}{key}", value, source))

@@ -1,0 +1,115 @@
+"""Mixed precision: the deformable-attention op under autocast, and a tiny Sparse DETR trained a few steps
+under CPU bf16 autocast (as ``train.amp=bf16`` runs it: the forward under autocast, losses in fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdetr.detector import ops
+from sdetr.detector.build import build_criterion, build_model
+from sdetr.detector.config import ConfigError, amp_dtype
+from sdetr.detector.layers.ms_deform_attn import ms_deform_attn_pytorch
+from sdetr.detector.presets import get_preset
+from tests.test_model import padded_batch
+from tests.test_ms_deform_attn_op import CONFIGS, make_inputs
+
+
+class _RecordDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Dtypes of the floating inputs each call of the sdetr op receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) == "sdetr.ms_deform_attn.default":
+            self.calls.append([a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def cpu_op():
+    if not ops.load().loaded:
+        pytest.skip(f"compiled op unavailable: {ops.backend_status(load=False)['reason']}")
+    return torch.ops.sdetr.ms_deform_attn
+
+
+def test_op_under_cpu_bf16_autocast(cpu_op):
+    """Locations and weights are cast to fp32, value keeps bf16; gradients reach every input."""
+    v, ss, lsi, loc, attn = make_inputs(**CONFIGS["D32"], dtype=torch.float32)
+    value = v.bfloat16().requires_grad_()
+    loc16 = loc.bfloat16().requires_grad_()
+    attn32 = attn.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), _RecordDtypes() as rec:
+        out = cpu_op(value, ss, lsi, loc16, attn32)
+    assert rec.calls == [[torch.bfloat16, torch.float32, torch.float32]]
+    assert out.dtype == torch.bfloat16
+    ref = ms_deform_attn_pytorch(value.detach().double(), ss, lsi, loc16.detach().double(), attn.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert value.grad.dtype == torch.bfloat16 and loc16.grad.dtype == torch.bfloat16
+    assert all(
+        torch.isfinite(g.float()).all() and g.abs().sum() > 0 for g in (value.grad, loc16.grad, attn32.grad)
+    )
+
+
+def test_amp_modes_checked():
+    assert amp_dtype("bf16", "cpu") == torch.bfloat16 and amp_dtype("none", "cpu") is None
+    assert amp_dtype("fp16", "cuda") == torch.float16
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        amp_dtype("fp16", "cpu")
+    with pytest.raises(ConfigError, match="train.amp must be one of"):
+        get_preset("tiny_sparse_detr_rho_0.1", ["train.amp=fp8"])
+
+
+def _targets(n_classes: int, count: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for k in (2, 3)[:count]:
+        centre = 0.25 + 0.5 * torch.rand(k, 2, generator=g)
+        size = 0.1 + 0.3 * torch.rand(k, 2, generator=g)
+        labels = torch.randint(1, n_classes, (k,), generator=g)
+        targets.append({"labels": labels, "boxes": torch.cat([centre, size], -1)})
+    return targets
+
+
+def _to_float(x):
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float(v) for v in x)
+    return x
+
+
+def test_tiny_sparse_detr_trains_under_cpu_bf16_autocast():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny_sparse_detr_rho_0.1", ["train.amp=bf16"])
+    cfg.model.num_queries = 20
+    model = build_model(cfg.model)
+    criterion = build_criterion(cfg.model, cfg.loss)
+    dtype = amp_dtype(cfg.train.amp, "cpu")
+    # Small images: bf16 matmuls are slow on CPUs without bf16 instructions.
+    images, masks = padded_batch([(96, 128), (80, 112)], seed=1)
+    targets = _targets(cfg.model.num_classes, 2, seed=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    losses = []
+    with _RecordDtypes() as rec:
+        for _ in range(5):
+            with torch.autocast("cpu", dtype=dtype):
+                outputs = model(images, masks)
+            loss = criterion.weighted_total(criterion(_to_float(outputs), targets))
+            assert torch.isfinite(loss), f"non-finite loss {loss.item()} after {len(losses)} steps"
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+            losses.append(loss.item())
+    # The compiled op ran with bf16 values (autocast reached it) wherever it is available.
+    if ops.load().loaded:
+        assert rec.calls and all(c[0] == torch.bfloat16 and c[1:] == [torch.float32] * 2 for c in rec.calls)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert min(losses[-2:]) < losses[0] * 0.95, f"loss did not decrease: {losses}"
