@@ -238,23 +238,29 @@ KDA_INLINE void backward_task(const Args<T>& a, int64_t n, int64_t m, int64_t q_
           ga[i] = T(0);
           continue;
         }
+        // One read of each corner: its dot products with go and q, and the sampled key.
+        KDA_PRAGMA(omp simd)
+        for (int64_t d = 0; d < D; ++d) {
+          kd[d] = T(0);
+        }
         T gsum = T(0);
         for (int c = 0; c < 4; ++c) {
           const T* __restrict__ vc = a.value + level + p.off[c];
           const T* __restrict__ kc = shared ? vc : a.key + level + p.off[c];
+          const T w = p.w[c];
           T dv = T(0), dk = T(0);
           KDA_PRAGMA(omp simd reduction(+ : dv, dk))
           for (int64_t d = 0; d < D; ++d) {
             dv += go[d] * vc[d];
             dk += qv[d] * kc[d];
+            kd[d] += w * kc[d];
           }
           // Outside corners are zeros padding: no contribution.
           vdot[4 * i + c] = p.valid[c] ? dv : T(0);
           qdot[4 * i + c] = p.valid[c] ? dk : T(0);
-          gsum += p.w[c] * dv;
+          gsum += w * dv;
         }
         ga[i] = gsum;
-        sample<T, kD>(shared ? a.value + level : a.key + level, p, D, kd);
       }
     }
     // Softmax backward (score gradient), adding the weights' own gradient when given.
@@ -536,11 +542,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kda_backward_cpu(
   const auto attn = attention_weights.to(at::kCPU, ct).contiguous();
   const auto gw = has_gw ? grad_attention_weights->to(at::kCPU, ct).contiguous() : at::Tensor();
   const auto tables = level_tables(spatial_shapes, level_start_index, s.S);
-  auto grad_query = at::zeros(q.sizes(), q.options());
+  // grad_query and grad_loc are written in full by the kernel (zeroed here only when it does not run).
+  const bool run = q.numel() > 0 && s.L * s.P > 0;
+  auto grad_query = run ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   auto grad_value = at::zeros(v.sizes(), v.options());
   auto grad_key = k.defined() ? at::zeros(k.sizes(), k.options()) : at::empty({0}, v.options());
-  auto grad_loc = at::zeros(loc.sizes(), loc.options());
-  if (grad_query.numel() > 0 && s.L * s.P > 0) {
+  auto grad_loc = run ? at::empty(loc.sizes(), loc.options()) : at::zeros(loc.sizes(), loc.options());
+  if (run) {
     const int64_t heads = s.N * s.M;
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     int64_t chunks = 1;

@@ -13,9 +13,12 @@ from typing import Any
 
 import yaml
 
+from sdetr.detector.backbones.backbone import BACKBONES
+from sdetr.detector.build import validate_model_config
 from sdetr.detector.config import Config, resolve_key, set_by_path
 from sdetr.detector.cost import FIXED_INPUT_HW
 from sdetr.detector.errors import ConfigError
+from sdetr.detector.presets import PRESETS
 from sdetr.platform.sweeps.spec import (
     ALGORITHMS,
     DIM_KINDS,
@@ -133,8 +136,6 @@ def _number(spec: SweepSpec, key: str, value: Any, minimum: float, strict: bool)
 
 
 def _preset(spec: SweepSpec, key: str, value: Any) -> str:
-    from sdetr.detector.presets import PRESETS
-
     if value is None:
         raise spec.error(key, "missing: name the base preset (`sdetr model list` shows them)")
     if value not in PRESETS:
@@ -163,8 +164,6 @@ def _parse_set(spec: SweepSpec, data: Any) -> None:
 
 def _check_value(spec: SweepSpec, where: str, full: str, value: Any) -> None:
     """Type-check ``value`` for config field ``full`` and apply the domain rules a type cannot say."""
-    from sdetr.detector.backbones.backbone import BACKBONES
-
     try:
         set_by_path(Config(), full, copy.deepcopy(value), "value")
     except ConfigError as exc:
@@ -303,8 +302,6 @@ def _parse_cost(spec: SweepSpec, data: dict) -> None:
 
 def _check_trials(spec: SweepSpec) -> None:
     """Every enumerable trial must build a valid model (e.g. ρ > 0 needs a two-stage preset)."""
-    from sdetr.detector.build import validate_model_config
-
     for params in spec.grid_points() or [{}]:
         try:
             validate_model_config(spec.trial_config(params).model)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdetr.detector.errors import ConfigError
+from sdetr.platform import tracking
 from sdetr.platform.layout import (
     DYNAMIC_RHO_FILE,
     PARETO_DIR,
@@ -155,8 +156,6 @@ def finalize(sweep_dir: Path, log=print, mlflow: bool = True) -> dict[str, Any]:
 
 
 def _log_front(tracked: dict[str, str], points: list, files: list[Path]) -> None:
-    from sdetr.platform import tracking
-
     client = tracking.client(tracked["tracking_uri"])
     for f in files:
         client.log_artifact(tracked["run_id"], str(f), artifact_path=PARETO_DIR)

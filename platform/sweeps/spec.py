@@ -31,6 +31,7 @@ from typing import Any
 from sdetr.detector.config import Config, set_by_path
 from sdetr.detector.cost import FIXED_INPUT_HW
 from sdetr.detector.errors import ConfigError
+from sdetr.detector.presets import get_preset
 from sdetr.platform import resources
 
 ALGORITHMS = ("grid", "random", "optuna", "optuna_multi")
@@ -115,8 +116,6 @@ class SweepSpec:
 
     def trial_config(self, params: dict[str, Any]) -> Config:
         """The full config of the trial with the sampled ``params`` ({key: value})."""
-        from sdetr.detector.presets import get_preset
-
         cfg = get_preset(params.get(PRESET_KEY, self.preset))
         for key, value in self.overrides.items():
             set_by_path(cfg, key, copy.deepcopy(value), f"{self.where('set.' + key)}: set")
@@ -142,7 +141,7 @@ class SweepSpec:
 
     def tune_space(self) -> dict[str, Any]:
         """Ray Tune's ``param_space`` for the searched keys."""
-        from ray import tune
+        from ray import tune  # slow to import: sweep files are validated without Ray
 
         out: dict[str, Any] = {}
         for d in self.space:

@@ -12,8 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
 from sdetr.platform.layout import COST_FILE, TRIAL_RECORD, TRIALS_DIR, read_json, write_json
+from sdetr.platform.pareto import label_for
+from sdetr.platform.storage import RunStorage
 from sdetr.platform.sweeps.spec import SweepSpec
+from sdetr.platform.training.driver import launch
+from sdetr.platform.training.report import TrainReport, read_history
+from sdetr.platform.training.run_plan import MlflowPlacement, resolve_plan
 
 
 @dataclass
@@ -35,9 +45,6 @@ def epoch_report_callback(extra: dict[str, Any], epochs: int):
     results without their metric. ``epochs_done`` counts across attempts (Tune's own
     ``training_iteration`` restarts when a trial is resumed), so schedulers use it as their time.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from sdetr.platform.training.report import TrainReport
 
     class EpochReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
@@ -59,8 +66,6 @@ def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
     cached = read_json(folder / COST_FILE)
     if cached is not None:
         return cached
-    from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
-
     res = cost_of_preset(
         cfg,
         input_hw=spec.cost_input or FIXED_INPUT_HW,
@@ -85,15 +90,6 @@ def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
 
 def trial_main(params: dict[str, Any], context: SweepContext) -> None:
     """One Tune trial: cost, then a Ray Train run named after the trial id (so a restart resumes it)."""
-    import torch
-    from ray import tune
-
-    from sdetr.platform.pareto import label_for
-    from sdetr.platform.storage import RunStorage
-    from sdetr.platform.training.driver import launch
-    from sdetr.platform.training.report import read_history
-    from sdetr.platform.training.run_plan import MlflowPlacement, resolve_plan
-
     torch.set_num_threads(1)  # this process only waits on its Train workers (and counts FLOPs once)
     spec = context.spec
     trial_id = tune.get_context().get_trial_id()

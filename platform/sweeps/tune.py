@@ -21,6 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+import yaml
+from ray import tune
+from ray.data import DataContext
+
 from sdetr.detector.errors import ConfigError
 from sdetr.platform import tracking
 from sdetr.platform.layout import (
@@ -33,9 +38,10 @@ from sdetr.platform.layout import (
     write_json,
 )
 from sdetr.platform.resources import TRIAL_DRIVER_CPUS, cluster_resources
+from sdetr.platform.shards.dataset import check_shards
 from sdetr.platform.storage import RunStorage, is_uri
 from sdetr.platform.sweeps.results import finalize, record_states
-from sdetr.platform.sweeps.spec import SweepSpec, plan_trials
+from sdetr.platform.sweeps.spec import Dimension, SweepSpec, plan_trials
 from sdetr.platform.sweeps.trial import SweepContext, trial_main
 from sdetr.platform.training.run_plan import check_categories, prepare_data
 
@@ -56,10 +62,6 @@ def run_sweep(
     log=print,
 ) -> dict[str, Any]:
     """Run (or continue) the sweep; returns {"sweep_dir", "trials": [...], "front": [...], "mlflow"}."""
-    import yaml
-
-    from sdetr.platform.shards.dataset import check_shards
-
     name = name or spec.name
     if not name or "/" in name:
         raise ConfigError(f"--name {name!r}: a sweep name is one non-empty path component")
@@ -227,10 +229,6 @@ def _tune(
     address: str | None,
     restore: bool,
 ):
-    import ray
-    from ray import tune
-    from ray.data import DataContext
-
     if not ray.is_initialized():
         ray.init(address=address)
     if not context.ray_job_id:
@@ -271,8 +269,6 @@ def _tune(
 def tune_config(spec: SweepSpec, concurrent: int):
     """Search algorithm, scheduler and limits. The metric lives on the searcher and the scheduler, not on
     `TuneConfig` (which takes one metric, where the multi-objective search has two)."""
-    from ray import tune
-
     scheduler = None
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -308,10 +304,6 @@ def resume_sweep(
 
 
 def load_saved_spec(path: Path) -> SweepSpec:
-    import yaml
-
-    from sdetr.platform.sweeps.spec import Dimension
-
     data = yaml.safe_load(path.read_text())
     space = [Dimension(**d) for d in data.pop("space", [])]
     cost_input = data.pop("cost_input", None)

@@ -16,11 +16,18 @@ import json
 import time
 from typing import Any
 
+import ray
+import ray.train
+from ray.data import DataContext
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from sdetr.detector.config import Config
 from sdetr.detector.errors import SdetrError
 from sdetr.platform import tracking
 from sdetr.platform.layout import CONFIG_FILE, RUN_RECORD, STATE_FILE
+from sdetr.platform.shards.reader import dataset_config, read_split
 from sdetr.platform.training.run_plan import DistributedOptions, RunPlan, check_previous_run, plan_run
+from sdetr.platform.training.worker import train_func
 
 
 class TrainingFailed(SdetrError):
@@ -112,14 +119,6 @@ def start_tracking(plan: RunPlan, record: dict | None, log=print):
 
 def fit(plan: RunPlan, tracked):
     """The ``TorchTrainer`` of the plan, fitted (Ray resumes a named run from its snapshot)."""
-    import ray
-    import ray.train
-    from ray.data import DataContext
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from sdetr.platform.shards.reader import dataset_config, read_split
-    from sdetr.platform.training.worker import train_func
-
     cfg, storage = plan.cfg, plan.storage
     if not ray.is_initialized():
         ray.init(address=plan.address)

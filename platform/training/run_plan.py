@@ -8,10 +8,13 @@ checked once for all trials. `driver.launch` runs a plan.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from sdetr.detector.config import Config
 from sdetr.detector.errors import ConfigError, DataError
@@ -24,7 +27,11 @@ from sdetr.platform.layout import (
     RUN_RECORD,
     SHARDS_DIR,
 )
-from sdetr.platform.resources import check_fits, cluster_resources, cpus_per_worker
+from sdetr.platform.resources import ResourceError, check_fits, cluster_resources, cpus_per_worker
+from sdetr.platform.shards.dataset import check_shards
+from sdetr.platform.shards.manifest import MANIFEST
+from sdetr.platform.shards.reader import num_categories_max_id, steps_per_epoch
+from sdetr.platform.shards.writer import shard_coco
 from sdetr.platform.storage import RunStorage, is_uri
 from sdetr.platform.training.checkpointing import RESUMABLE_DISTRIBUTED, config_differences
 
@@ -100,8 +107,16 @@ def plan_run(cfg: Config, opts: DistributedOptions, log=print) -> RunPlan:
         prepare_data(cfg.data.root, storage, log)  # raises the "data not found" error before Ray starts
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
     cluster = cluster_resources(address)
-    cpus = cpus_per_worker(opts.workers, opts.cpus_per_worker, cluster["CPU"])
-    check_fits(opts.workers, cpus, opts.gpus_per_worker, cluster)
+    try:
+        cpus = cpus_per_worker(opts.workers, opts.cpus_per_worker, cluster["CPU"])
+        check_fits(opts.workers, cpus, opts.gpus_per_worker, cluster)
+    except ResourceError as exc:
+        asked = f"--workers {opts.workers}"
+        if opts.cpus_per_worker is not None:
+            asked += f" --cpus-per-worker {opts.cpus_per_worker:g}"
+        if opts.gpus_per_worker:
+            asked += f" --gpus-per-worker {opts.gpus_per_worker:g}"
+        raise ConfigError(f"{asked}: {exc}") from None
     data_path = prepare_data(cfg.data.root, storage, log)
     check_categories(data_path, cfg.model.num_classes)
     uri = tracking.resolve_tracking_uri(opts.mlflow_uri, storage.root_local)
@@ -130,9 +145,6 @@ def resolve_plan(
     **kwargs,
 ) -> RunPlan:
     """The plan of a run whose data and resources were checked: steps per epoch and the resolved config."""
-    from sdetr.platform.shards.dataset import check_shards
-    from sdetr.platform.shards.reader import steps_per_epoch
-
     manifest = check_shards(data_path, ["train", "val"])
     steps = steps_per_epoch(
         manifest, "train", workers, cfg.optim.batch_size, max_images=cfg.data.max_train_images
@@ -157,8 +169,6 @@ def check_device(cfg: Config, gpus_per_worker: float) -> None:
 
 
 def check_categories(data_path: str, num_classes: int, where: str | None = None) -> None:
-    from sdetr.platform.shards.reader import num_categories_max_id
-
     max_id = num_categories_max_id(data_path)
     if max_id >= num_classes:
         raise ConfigError(
@@ -169,9 +179,6 @@ def check_categories(data_path: str, num_classes: int, where: str | None = None)
 
 def prepare_data(data: str, storage: RunStorage, log=print) -> str:
     """The shard folder to read: ``data`` itself, or ``<run>/shards`` made once from a COCO root."""
-    from sdetr.platform.shards.manifest import MANIFEST
-    from sdetr.platform.shards.writer import shard_coco
-
     if is_uri(data):
         return data  # check_shards reads the manifest through pyarrow
     path = Path(data).expanduser().resolve()
@@ -199,8 +206,6 @@ def prepare_data(data: str, storage: RunStorage, log=print) -> str:
 
 def check_previous_run(storage: RunStorage, cfg: Config, workers: int) -> dict | None:
     """The run record of an earlier attempt; refuses a different config or worker count."""
-    import json
-
     text = storage.read_text(RUN_RECORD)
     if text is None:
         if storage.local is not None and any((storage.local / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB)):
@@ -211,8 +216,6 @@ def check_previous_run(storage: RunStorage, cfg: Config, workers: int) -> dict |
     record = json.loads(text)
     saved = storage.read_text(CONFIG_FILE)
     if saved is not None:
-        import yaml
-
         changed = config_differences(yaml.safe_load(saved), cfg, RESUMABLE_DISTRIBUTED)
         if changed:
             raise ConfigError(

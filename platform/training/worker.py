@@ -15,13 +15,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
+from ray.train import CheckpointUploadMode
 
+from sdetr.detector.build import build_criterion, build_model
 from sdetr.detector.checkpoint import save_atomic
 from sdetr.detector.config import Config
+from sdetr.detector.evaluation.postprocess import PostProcess
 from sdetr.platform import tracking
 from sdetr.platform.layout import STATE_FILE, append_jsonl, write_json
+from sdetr.platform.shards.dataset import coco_ground_truth
+from sdetr.platform.shards.reader import iter_epoch
 from sdetr.platform.training.checkpointing import record_event, rng_state, seed_everything
+from sdetr.platform.training.engine import evaluate, train_one_epoch
+from sdetr.platform.training.optim import build_optimizer
 from sdetr.platform.training.report import (
     TrainReport,
     epoch_record,
@@ -44,9 +55,6 @@ EPOCH_MARKER = "epoch"  # logged once per epoch at step=epoch; gates duplicate e
 
 def train_func(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker; ``config`` is the driver's plain ``train_loop_config``."""
-    import ray
-    import ray.train
-
     setup = make_setup(config)
     if setup.workers_dir is not None:
         setup.workers_dir.mkdir(parents=True, exist_ok=True)
@@ -63,8 +71,6 @@ def train_func(config: dict[str, Any]) -> None:
         # Steps and epochs replayed since the last checkpoint were logged before the failure.
         logger.restore_floor(STEP_MARKER)
         logger.restore_floor(EPOCH_MARKER)
-    from sdetr.platform.shards.dataset import coco_ground_truth
-
     coco_gt = coco_ground_truth(setup.data, "val", setup.cfg.data.max_val_images) if setup.rank == 0 else None
     shards = {"train": ray.train.get_dataset_shard("train"), "val": ray.train.get_dataset_shard("val")}
     while progress.epoch < setup.cfg.optim.epochs:
@@ -75,10 +81,6 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def make_setup(config: dict[str, Any]) -> WorkerSetup:
-    import ray
-    import ray.train
-    import ray.train.torch
-
     ctx = ray.train.get_context()
     return WorkerSetup(
         cfg=Config.from_dict(config["config"], source="train_loop_config"),
@@ -95,12 +97,6 @@ def make_setup(config: dict[str, Any]) -> WorkerSetup:
 
 
 def build_modules(setup: WorkerSetup) -> Modules:
-    import ray.train.torch
-
-    from sdetr.detector.build import build_criterion, build_model
-    from sdetr.detector.evaluation.postprocess import PostProcess
-    from sdetr.platform.training.optim import build_optimizer
-
     cfg = setup.cfg
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = ray.train.torch.prepare_model(build_model(cfg.model))  # to the device; DDP when world > 1
@@ -120,9 +116,6 @@ def build_modules(setup: WorkerSetup) -> Modules:
 
 def train_epoch(setup: WorkerSetup, modules: Modules, progress: Progress, logger, shard) -> dict[str, float]:
     """Train the rest of ``progress.epoch``; returns the epoch's record (means over all ranks)."""
-    from sdetr.platform.shards.reader import iter_epoch
-    from sdetr.platform.training.engine import train_one_epoch
-
     cfg, epoch = setup.cfg, progress.epoch
     if progress.batches_done == 0:
         # Per-(seed, epoch, rank) streams: a resumed run draws exactly what an uninterrupted one does.
@@ -182,11 +175,6 @@ def is_eval_epoch(cfg: Config, epoch: int) -> bool:
 
 def evaluate_epoch(setup: WorkerSetup, modules: Modules, shard, coco_gt, epoch: int) -> dict[str, float]:
     """COCO metrics of the model after ``epoch`` (the same dict on every rank)."""
-    import torch.distributed as dist
-
-    from sdetr.platform.shards.reader import iter_epoch
-    from sdetr.platform.training.engine import evaluate
-
     cfg = setup.cfg
     if setup.world > 1:
         # BatchNorm statistics drift apart between DDP's per-forward broadcasts: evaluate the
@@ -229,10 +217,6 @@ def save_and_report(
     setup: WorkerSetup, modules: Modules, progress: Progress, logger, metrics: dict[str, float]
 ) -> None:
     """Checkpoint the current position (rank 0 writes it) and report it to Ray Train (every rank)."""
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import CheckpointUploadMode
-
     rng_all = [rng_state()]
     if setup.world > 1:
         rng_all = [None] * setup.world
@@ -285,8 +269,6 @@ def traced(batches, setup: WorkerSetup, epoch: int):
 
 def all_reduce_means(sums: dict[str, float], count: int, device) -> dict[str, float]:
     """Means over all ranks of per-step sums (the same keys on every rank)."""
-    import torch.distributed as dist
-
     keys = sorted(sums)
     values = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
