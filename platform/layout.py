@@ -57,6 +57,7 @@ TRIALS_DIR = "trials"
 TRIAL_RECORD = "sdetr_trial.json"
 COST_FILE = "cost.json"
 TRIAL_STATES_FILE = "trial_states.json"  # Tune's verdicts, written when a sweep ends
+MOASHA_FILE = "moasha.json"  # the MOASHA scheduler's rung records and decisions (it survives a resume)
 PARETO_DIR = "pareto"
 DYNAMIC_RHO_FILE = "dynamic_rho.json"  # `sdetr eval --rho` results, in the checkpoint's run folder
 DYNAMIC_RHO_ARTIFACT_DIR = "dynamic_rho"
@@ -64,6 +65,7 @@ DYNAMIC_RHO_ARTIFACT_DIR = "dynamic_rho"
 # -- shared defaults -------------------------------------------------------------------------------
 # The Pareto objectives of every sweep: AP up, GFLOPs down.
 OBJECTIVES = {"AP": "max", "gflops": "min"}
+TIME_ATTR = "epochs_done"  # what sweep schedulers count: epochs trained, across a trial's attempts
 
 
 def sweep_dir_of(storage: str | Path | None, name: str) -> Path:

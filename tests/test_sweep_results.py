@@ -66,6 +66,12 @@ def test_stopped_early_and_failed_trials_are_never_on_the_front(tmp_path):
     assert [p.trial_id for p in summary["front"]] == ["t0"]
     csv_text = (sweep / "pareto" / "pareto.csv").read_text()
     assert "stopped_early" in csv_text and "error" in csv_text
+    # The CSV and the plot's label say at which rung (epoch) a stopped trial stopped.
+    import csv
+
+    rows = {r["trial_id"]: r for r in csv.DictReader(csv_text.splitlines())}
+    assert rows["t1"]["stopped_at_epoch"] == "1" and rows["t0"]["stopped_at_epoch"] == ""
+    assert points["t1"].label.endswith("(stopped at epoch 1)")
     table = status_table(sweep)
     assert "2/4 trials completed" in table
     assert "1/3" in table and "stopped_early" in table

@@ -41,7 +41,7 @@ def run(tmp_path, text: str):
     tuner = tune.Tuner(
         tune.with_resources(fake_trial, {"CPU": 0.01}),
         param_space=spec.tune_space(),
-        tune_config=tune_config(spec, concurrent=2),
+        tune_config=tune_config(spec, concurrent=2, sweep_dir=tmp_path / "runs" / "t"),
         run_config=tune.RunConfig(name="t", storage_path=str(tmp_path / "runs"), verbose=0),
     )
     return spec, tuner.fit()
@@ -87,3 +87,51 @@ def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
     assert set(states.values()) == {
         "stopped_early"
     }  # every TERMINATED trial until its history says otherwise
+
+
+def test_moasha_from_a_sweep_file_keeps_the_ends_of_the_front(ray_local, tmp_path):
+    """``scheduler: {type: moasha}``: every stand-in trial is on the AP-GFLOPs front (AP and GFLOPs both
+    grow with ρ), so MOASHA keeps the cheapest and the most accurate trial (infinite crowding distance)
+    and stops some in between; its decisions are recorded in the sweep folder."""
+    from sdetr.platform.layout import MOASHA_FILE
+    from sdetr.platform.sweeps.moasha import read_record
+
+    spec, grid = run(
+        tmp_path,
+        """\
+        preset: tiny_sparse_detr_rho_0.1
+        space:
+          model.rho: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+        scheduler: {type: moasha, grace_period: 1, reduction_factor: 2}
+        epochs: 4
+        """,
+    )
+    done = {r.config["model.rho"]: r.metrics["epochs_done"] for r in grid}
+    assert len(done) == 8 and not grid.errors
+    assert done[0.1] == EPOCHS and done[0.8] == EPOCHS, done
+    assert min(done.values()) < EPOCHS, done
+    record = read_record(tmp_path / "runs" / "t" / MOASHA_FILE)
+    stopped = {r.config["model.rho"] for r in grid if r.metrics["epochs_done"] < EPOCHS}
+    assert len(record["stopped_at"]) == len(stopped)
+
+
+def test_a_learning_searcher_under_a_scheduler_sees_only_finished_trials(tmp_path):
+    from sdetr.platform.sweeps.moasha import MOASHA, SoundResultsSearcher
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            preset: tiny_sparse_detr_rho_0.1
+            space:
+              model.rho: {uniform: [0.05, 0.5]}
+            search: {algorithm: optuna_multi, num_samples: 4, seed: 1}
+            scheduler: {type: moasha, grace_period: 1, reduction_factor: 3, max_t: 3}
+            epochs: 4
+            """
+        )
+    )
+    spec = load_sweep(path)
+    config = tune_config(spec, concurrent=2, sweep_dir=tmp_path)
+    assert isinstance(config.scheduler, MOASHA) and config.scheduler.max_t == 3
+    assert isinstance(config.search_alg, SoundResultsSearcher)

@@ -28,6 +28,7 @@ from sdetr.platform.sweeps.spec import (
     TOP_KEYS,
     Dimension,
     SweepSpec,
+    max_epochs,
 )
 
 
@@ -110,6 +111,7 @@ def parse_sweep(data: dict[str, Any], path: str, lines: dict[str, int] | None = 
     if data.get("max_failures") is not None:
         spec.max_failures = _int(spec, "max_failures", data["max_failures"], minimum=-1)
     _check_trials(spec)
+    _check_scheduler(spec)
     return spec
 
 
@@ -252,20 +254,21 @@ def _parse_search(spec: SweepSpec, data: dict) -> None:
 def _parse_scheduler(spec: SweepSpec, data: dict) -> None:
     kind = data.get("type", "none")
     if kind not in SCHEDULERS:
-        raise spec.error("scheduler.type", f"unknown scheduler {kind!r}; use none or asha")
+        raise spec.error("scheduler.type", f"unknown scheduler {kind!r}; use one of {', '.join(SCHEDULERS)}")
     spec.scheduler = kind
     if "grace_period" in data:
         spec.grace_period = _int(spec, "scheduler.grace_period", data["grace_period"], minimum=1)
     if "reduction_factor" in data:
         spec.reduction_factor = _int(spec, "scheduler.reduction_factor", data["reduction_factor"], minimum=2)
+    if data.get("max_t") is not None:
+        spec.max_t = _int(spec, "scheduler.max_t", data["max_t"], minimum=1)
     if kind == "asha" and spec.algorithm == "optuna_multi":
-        # Reproduced on Ray 2.60: the searcher records the truncated scores of stopped trials as
-        # final, so the "front" it optimises contains half-trained models.
+        # Reproduced on Ray 2.60: ASHA ranks by AP alone and stops the cheap, less accurate trials the
+        # front is made of; MOASHA ranks by the front.
         raise spec.error(
             "scheduler.type",
-            "asha cannot be combined with algorithm optuna_multi: trials ASHA stops early reach the "
-            "multi-objective searcher with truncated scores; use scheduler none, or a single-objective "
-            "search",
+            "asha cannot be combined with algorithm optuna_multi: it ranks trials by AP alone and stops "
+            "the cheap trials the AP-GFLOPs front is made of; use scheduler moasha",
         )
 
 
@@ -309,3 +312,15 @@ def _check_trials(spec: SweepSpec) -> None:
             shown = ", ".join(f"{k}={v}" for k, v in params.items()) or f"preset {spec.preset}"
             key = next((f"space.{k}" for k in params), "preset")
             raise spec.error(key, f"the trial {shown} is invalid: {exc}") from None
+
+
+def _check_scheduler(spec: SweepSpec) -> None:
+    """Rungs must lie within the trials' epochs (checked once the epochs are known)."""
+    if spec.scheduler == "none":
+        return
+    last = max_epochs(spec)
+    if spec.grace_period > last:
+        raise spec.error(
+            "scheduler.grace_period",
+            f"{spec.grace_period} is beyond the {last} epochs a trial trains (no rung to stop at)",
+        )

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,11 @@ from ray.tune.search.searcher import Searcher
 from ray.tune.search.util import _set_search_properties_backwards_compatible
 
 from sdetr.detector.errors import ConfigError
+from sdetr.platform.layout import OBJECTIVES, TIME_ATTR, write_text_atomic
 from sdetr.platform.sweeps.nondominated import DIVERSITY, check_directions, rank_keys
 
 # sdetr's sweep objectives, in the names trials report to Tune.
-DEFAULT_OBJECTIVES = (("AP", "max"), ("gflops", "min"))
+DEFAULT_OBJECTIVES = tuple(OBJECTIVES.items())
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor", "max_t"}
 
 
@@ -95,7 +95,7 @@ class MOASHA(FIFOScheduler):
     def __init__(
         self,
         objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
-        time_attr: str = "epochs_done",
+        time_attr: str = TIME_ATTR,
         max_t: int = 100,
         grace_period: int = 1,
         reduction_factor: float = 2,
@@ -227,12 +227,8 @@ class MOASHA(FIFOScheduler):
     def _write(self) -> None:
         if not self.record_file:
             return
-        path = Path(self.record_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.state(), f, indent=1)  # NaN is written as NaN (Python's json reads it back)
-        os.replace(tmp, path)
+        # NaN is written as NaN (Python's json reads it back).
+        write_text_atomic(self.record_file, json.dumps(self.state(), indent=1))
 
     def _load_once(self) -> None:
         """Reload the rungs of an interrupted sweep (Tune restores trials, not scheduler state)."""
@@ -319,7 +315,7 @@ class SoundResultsSearcher(Searcher):
     "epochs_done", max_t)``. Grid and random search (BasicVariantGenerator) learn nothing: no wrapper.
     """
 
-    def __init__(self, searcher: Searcher, time_attr: str = "epochs_done", max_t: int = 1):
+    def __init__(self, searcher: Searcher, time_attr: str = TIME_ATTR, max_t: int = 1):
         if not isinstance(searcher, Searcher):
             raise ConfigError(
                 f"SoundResultsSearcher wraps a ray.tune Searcher, got {type(searcher).__name__}"

@@ -70,9 +70,15 @@ def collect_points(sweep_dir: Path, log=print) -> list:
     points = []
     for row in trial_rows(sweep_dir):
         cost = row["cost"]
+        extra = {"epochs_done": row["epochs_done"], "AP50": row["last"].get("AP50")}
+        label = row["label"]
+        if row["state"] == "stopped_early":
+            # A scheduler stops a trial right after the rung it reported at: its epochs are the rung.
+            extra["stopped_at_epoch"] = row["epochs_done"]
+            label = f"{label} (stopped at epoch {row['epochs_done']})"
         points.append(
             ParetoPoint(
-                label=row["label"],
+                label=label,
                 AP=row["last"].get("AP"),
                 gflops=cost.get("gflops"),
                 trial_id=row["trial_id"],
@@ -83,7 +89,7 @@ def collect_points(sweep_dir: Path, log=print) -> list:
                 fps=cost.get("fps"),
                 params=cost.get("params"),
                 status=row["state"],
-                extra={"epochs_done": row["epochs_done"], "AP50": row["last"].get("AP50")},
+                extra=extra,
             )
         )
         dyn = read_json(Path(row["folder"]) / DYNAMIC_RHO_FILE) or {}

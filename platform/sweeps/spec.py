@@ -12,7 +12,7 @@ space:
   model.backbone: {grid: [resnet50, swin_t]}
   loss.enc_aux_loss_coef: {loguniform: [0.1, 10]}
 search: {algorithm: grid}              # grid | random | optuna | optuna_multi
-scheduler: {type: none}                # none | asha
+scheduler: {type: none}                # none | asha (on AP) | moasha (on the AP-GFLOPs front)
 resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent: 2}
 epochs: 12
 data: /data/coco
@@ -35,7 +35,7 @@ from sdetr.detector.presets import get_preset
 from sdetr.platform import resources
 
 ALGORITHMS = ("grid", "random", "optuna", "optuna_multi")
-SCHEDULERS = ("none", "asha")
+SCHEDULERS = ("none", "asha", "moasha")
 DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 PRESET_KEY = "preset"
 
@@ -46,7 +46,7 @@ TOP_KEYS = {
     "set": "fixed config overrides {key: value}",
     "space": "the search space {key: values}",
     "search": "{algorithm, num_samples, seed}",
-    "scheduler": "{type: none|asha, grace_period, reduction_factor}",
+    "scheduler": "{type: none|asha|moasha, grace_period, reduction_factor, max_t}",
     "resources": "{workers, cpus_per_worker, gpus_per_worker, max_concurrent}",
     "epochs": "training epochs per trial",
     "data": "a COCO 2017 folder or a shard folder",
@@ -90,6 +90,7 @@ class SweepSpec:
     scheduler: str = "none"
     grace_period: int = 1
     reduction_factor: int = 2
+    max_t: int | None = None  # the scheduler's last rung; None: the trials' epochs
     workers: int = 1
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 0.0
@@ -179,3 +180,8 @@ def plan_trials(spec: SweepSpec, cluster: dict[str, float]) -> tuple[float, int]
         )
     except resources.ResourceError as exc:
         raise spec.error("resources", f"a trial needs {exc}") from None
+
+
+def max_epochs(spec: SweepSpec) -> int:
+    """The epochs a trial trains when no scheduler stops it: the schedulers' ``max_t``."""
+    return spec.max_t or spec.trial_config({}).optim.epochs

@@ -25,14 +25,17 @@ import ray
 import yaml
 from ray import tune
 from ray.data import DataContext
+from ray.tune.schedulers import ASHAScheduler
 
 from sdetr.detector.errors import ConfigError
 from sdetr.platform import tracking
 from sdetr.platform.layout import (
     DEFAULT_STORAGE,
+    MOASHA_FILE,
     OBJECTIVES,
     SPEC_FILE,
     SWEEP_RECORD,
+    TIME_ATTR,
     read_json,
     sweep_dir_of,
     write_json,
@@ -40,8 +43,9 @@ from sdetr.platform.layout import (
 from sdetr.platform.resources import TRIAL_DRIVER_CPUS, cluster_resources
 from sdetr.platform.shards.dataset import check_shards
 from sdetr.platform.storage import RunStorage, is_uri
+from sdetr.platform.sweeps.moasha import MOASHA, SoundResultsSearcher
 from sdetr.platform.sweeps.results import finalize, record_states
-from sdetr.platform.sweeps.spec import Dimension, SweepSpec, plan_trials
+from sdetr.platform.sweeps.spec import Dimension, SweepSpec, max_epochs, plan_trials
 from sdetr.platform.sweeps.trial import SweepContext, trial_main
 from sdetr.platform.training.run_plan import check_categories, prepare_data
 
@@ -135,9 +139,10 @@ def run_sweep(
             "status": "running",
         },
     )
+    how = spec.algorithm if spec.scheduler == "none" else f"{spec.algorithm}, {spec.scheduler.upper()}"
     log(
         f"{'resuming' if record else 'starting'} sweep {sweep_dir}: {spec.num_trials()} trials "
-        f"({spec.algorithm}{', ASHA' if spec.scheduler == 'asha' else ''}), {concurrent} at a time, "
+        f"({how}), {concurrent} at a time, "
         f"each {spec.workers} workers x {cpus_per_worker:g} CPU"
         + (f" + {spec.gpus_per_worker:g} GPU" if spec.gpus_per_worker else "")
     )
@@ -255,7 +260,7 @@ def _tune(
     tuner = tune.Tuner(
         trainable,
         param_space=spec.tune_space(),
-        tune_config=tune_config(spec, concurrent),
+        tune_config=tune_config(spec, concurrent, sweep_dir),
         run_config=tune.RunConfig(
             name=sweep_dir.name,
             storage_path=str(sweep_dir.parent),
@@ -266,23 +271,36 @@ def _tune(
     return tuner.fit()
 
 
-def tune_config(spec: SweepSpec, concurrent: int):
+def tune_config(spec: SweepSpec, concurrent: int, sweep_dir: Path):
     """Search algorithm, scheduler and limits. The metric lives on the searcher and the scheduler, not on
-    `TuneConfig` (which takes one metric, where the multi-objective search has two)."""
+    `TuneConfig` (which takes one metric, where the multi-objective search has two). With a scheduler, a
+    learning searcher sees only trials trained to the end (`SoundResultsSearcher`): the truncated scores
+    of stopped trials would otherwise be recorded as final."""
     scheduler = None
+    last = max_epochs(spec)
     if spec.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
         scheduler = ASHAScheduler(
-            time_attr="epochs_done",
+            time_attr=TIME_ATTR,
             metric="AP",
             mode="max",
-            max_t=spec.trial_config({}).optim.epochs,
+            max_t=last,
             grace_period=spec.grace_period,
             reduction_factor=spec.reduction_factor,
         )
+    elif spec.scheduler == "moasha":
+        scheduler = MOASHA(
+            objectives=tuple(OBJECTIVES.items()),
+            time_attr=TIME_ATTR,
+            max_t=last,
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+            record_file=sweep_dir / MOASHA_FILE,
+        )
+    search = _search_alg(spec)
+    if search is not None and scheduler is not None:
+        search = SoundResultsSearcher(search, TIME_ATTR, last)
     return tune.TuneConfig(
-        search_alg=_search_alg(spec),
+        search_alg=search,
         scheduler=scheduler,
         num_samples=spec.num_samples,
         max_concurrent_trials=concurrent,
