@@ -89,6 +89,39 @@ SDETR_ALWAYS_INLINE void locate(T lx, T ly, int64_t H, int64_t W, int64_t row, C
   c.offset[3] = base + (W + 1) * row;
 }
 
+// Prefetches the corners of row `g`'s L * P points in `base` (value, or grad_value for writing): issued one
+// row ahead of the row being summed, so that the scattered corner loads of the next row are in flight
+// while this one computes (without it each point waits for its own loads).
+template <int kWrite, typename T>
+SDETR_ALWAYS_INLINE void prefetch_row(const T* loc, const int64_t* shapes, const int64_t* starts, int64_t L,
+                                      int64_t P, int64_t row, int64_t D, const T* base) {
+#if defined(__GNUC__)
+  const int64_t lines = (D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+    const T* level = base + starts[l] * row;
+    for (int64_t p = 0; p < P; ++p, loc += 2) {
+      const T x = loc[0] * static_cast<T>(W) - T(0.5);
+      const T y = loc[1] * static_cast<T>(H) - T(0.5);
+      if (!(x > T(-1) && y > T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H))) {
+        continue;
+      }
+      // Clamped into the map: a corner outside is not read, its in-map neighbour is.
+      const int64_t x0 = std::max<int64_t>(0, static_cast<int64_t>(std::floor(x)));
+      const int64_t y0 = std::max<int64_t>(0, static_cast<int64_t>(std::floor(y)));
+      const int64_t x1 = std::min<int64_t>(W - 1, x0 + 1), y1 = std::min<int64_t>(H - 1, y0 + 1);
+      const int64_t cells[4] = {y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1};
+      for (int k = 0; k < 4; ++k) {
+        const char* c = reinterpret_cast<const char*>(level + cells[k] * row);
+        for (int64_t j = 0; j < lines; ++j) {
+          __builtin_prefetch(c + 64 * j, kWrite, 3);
+        }
+      }
+    }
+  }
+#endif
+}
+
 template <typename T>
 struct Args {
   const T* value;         // [N, S, M, D]
@@ -113,6 +146,13 @@ SDETR_ALWAYS_INLINE void forward_rows(const Args<T>& a, int64_t begin, int64_t e
   for (int64_t nq = begin; nq < end; ++nq) {
     const int64_t n = nq / a.Lq;
     for (int64_t m = 0; m < M; ++m) {
+      // The next row (n', q', m') of this chunk: (nq, m + 1), or (nq + 1, 0).
+      const int64_t next = nq * M + m + 1;
+      if (next < end * M) {
+        const int64_t nn = next / M / a.Lq, nm = next % M;
+        prefetch_row<0>(a.loc + next * L * P * 2, a.shapes, a.starts, L, P, row, D,
+                        a.value + nn * a.S * row + nm * D);
+      }
       T* o = a.out + (nq * M + m) * D;
       T* acc = kD > 0 ? acc_fixed : o;
       SDETR_PRAGMA(omp simd)
@@ -178,6 +218,11 @@ SDETR_ALWAYS_INLINE void backward_task(const Args<T>& a, int64_t n, int64_t m, i
   T* ghead = gv + n * a.S * row + m * D;
   for (int64_t q = q_begin; q < q_end; ++q) {
     const int64_t nq = n * a.Lq + q;
+    if (q + 1 < q_end) {
+      const T* next_loc = a.loc + ((nq + 1) * M + m) * L * P * 2;
+      prefetch_row<0>(next_loc, a.shapes, a.starts, L, P, row, D, head);
+      prefetch_row<1>(next_loc, a.shapes, a.starts, L, P, row, D, static_cast<const T*>(ghead));
+    }
     const T* __restrict__ go = a.grad_out + (nq * M + m) * D;
     const int64_t pt0 = (nq * M + m) * L * P;
     for (int64_t l = 0; l < L; ++l) {
