@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Compile the CUDA sources of the ms_deform_attn op (csrc/cuda/*.cu) and the op's dispatcher
-# (csrc/ms_deform_attn.cpp) with nvcc for sm_80 and sm_90, using torch's headers and nvcc flags.
+# Compile the CUDA sources of the ms_deform_attn op (csrc/cuda/*.cu: the opt-in CUDA C++ backend, built at
+# run time only with SDETR_MSDA_CUDA=1; Triton serves CUDA tensors by default and its kernels are compiled
+# for sm_80/sm_90 by tests/test_triton_msda.py) and the op's dispatcher (csrc/ms_deform_attn.cpp) with
+# nvcc for sm_80 and sm_90, using torch's headers and nvcc flags.
 # Produces object files only (no GPU needed); exits non-zero if any file fails to compile.
 #
 # Usage: .ci/compile_cuda.sh [python]      (python defaults to $PYTHON, then .venv/bin/python, then python3)

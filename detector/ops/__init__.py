@@ -4,9 +4,11 @@ The op is ``torch.ops.sdetr.ms_deform_attn(value, spatial_shapes, level_start_in
 attention_weights) -> Tensor`` with the official shapes (see ``csrc/ms_deform_attn.h``), plus
 ``torch.ops.sdetr.ms_deform_attn_backward``. This module
 
-* builds the C++ (and, where possible, CUDA) sources with ninja through ``torch.utils.cpp_extension``
-  into a per-user cache, lazily on first use, under a file lock so that several processes (Ray workers)
-  can ask at once and only one compiles;
+* serves CUDA tensors with Triton kernels (`triton_msda`, registered for the CUDA dispatch key by
+  `registrations`; checked without a GPU by Triton's interpreter and ahead-of-time compiles in the tests);
+* builds the C++ CPU sources (and, opted in, the CUDA C++ ones) with ninja through
+  ``torch.utils.cpp_extension`` into a per-user cache, lazily on first use, under a file lock so that
+  several processes (Ray workers) can ask at once and only one compiles;
 * registers what torch needs around the compiled kernels: autograd, fake (meta) implementations for
   ``torch.compile``/``FakeTensorMode``, and FLOP formulas for ``torch.utils.flop_counter.FlopCounterMode``;
 * decides per call whether the model uses the compiled op (`use_compiled`), and reports why
@@ -20,9 +22,11 @@ Environment:
                          ``~/.cache/sdetr/ext``); each build lives in
                          ``<root>/<torch version>-<cpu|cuda>-<hash>``, the hash covering the sources,
                          flags, compiler and (for CUDA) the target archs.
-    SDETR_MSDA_CUDA      ``auto`` (default): compile the CUDA kernels when torch sees a GPU and nvcc is found;
-                         ``1``: compile them even without a visible GPU (for a shared cache; the archs
-                         come from TORCH_CUDA_ARCH_LIST, default 8.0;9.0); ``0``: never.
+    SDETR_MSDA_CUDA      ``0`` (default): no CUDA C++ kernels (Triton serves CUDA tensors); ``1``: compile
+                         the opt-in CUDA C++ kernels, even without a visible GPU (archs from
+                         TORCH_CUDA_ARCH_LIST, else the visible GPUs', else 8.0;9.0); ``auto``: when torch
+                         sees a GPU and nvcc is found.
+    SDETR_MSDA_CUDA_IMPL ``triton`` (default) or ``cpp``: which kernels serve CUDA tensors (`cuda_impl`).
     SDETR_MSDA_CPU_ISA   ``default`` forces the baseline-ISA CPU kernels instead of the AVX2 ones.
     CXX, CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS   as for ``torch.utils.cpp_extension``.
 """
