@@ -10,6 +10,7 @@ experiment. Workers only ever get a tracking URI and a run id, and log into that
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sdetr.detector.errors import ConfigError
+from sdetr.platform.layout import write_text_atomic
+from sdetr.platform.uris import redact, scheme_of
 
 DEFAULT_EXPERIMENT = "sdetr"
 DB_NAME = "mlflow.db"
@@ -180,7 +183,7 @@ def _start_run(
             if tags:
                 set_tags(c, previous_run_id, tags)
             return TrackedRun(tracking_uri, run.info.experiment_id, previous_run_id, resumed=True)
-        log(f"warning: MLflow run {previous_run_id} is not in {tracking_uri}; starting a new MLflow run")
+        log(f"warning: MLflow run {previous_run_id} is not in {redact(tracking_uri)}; starting a new one")
     experiment_id = ensure_experiment(c, experiment, artifact_location)
     all_tags = dict(tags or {})
     if parent_run_id:
@@ -222,23 +225,39 @@ class MetricLogger:
     A call ``log(metrics, step, marker=key)`` is dropped whole when ``step`` is at or below the last
     step logged for ``key`` (read from the store by ``restore_floor``): after a resume, the steps or
     epochs replayed since the last checkpoint were already logged once and must not appear twice.
+
+    A tracking server that goes away does not stop training: a flush that fails keeps its metrics (in
+    memory, and in ``spool``, a JSON-lines file in the run folder, when given) and warns once; the next
+    flush that reaches the server sends them first, in order. Nothing is lost while the process lives,
+    and with a spool file a restarted process sends what its predecessor could not.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, spool: str | Path | None = None, log=print):
+        if scheme_of(tracking_uri) in ("http", "https"):
+            # MLflow's default (7 retries, backoff 2) blocks each call for minutes when the server is
+            # gone; a training step must not. What fails is kept and sent by a later flush.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client = client(tracking_uri)
         self._buffer: list = []
         self._floors: dict[str, int] = {}
+        self._log = log
+        self._spool = Path(spool) if spool is not None else None
+        self._pending: list = self._read_spool()
+        self._warned = False
 
     def logged_steps(self, key: str) -> list[int]:
         return sorted(m.step for m in self._client.get_metric_history(self.run_id, key))
 
     def restore_floor(self, key: str) -> int | None:
-        """Read the last step logged for ``key`` from the store; later calls skip up to it."""
-        steps = self.logged_steps(key)
+        """Read the last step logged for ``key`` from the store (and the spool); later calls skip up
+        to it."""
+        steps = self.logged_steps(key) + [m.step for m in self._pending if m.key == key]
         if steps:
-            self._floors[key] = max(self._floors.get(key, steps[-1]), steps[-1])
+            last = max(steps)
+            self._floors[key] = max(self._floors.get(key, last), last)
         return self._floors.get(key)
 
     def floor(self, key: str) -> int | None:
@@ -262,9 +281,67 @@ class MetricLogger:
         return True
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        set_tags(self._client, self.run_id, tags)
+        try:
+            set_tags(self._client, self.run_id, tags)
+        except Exception as exc:  # a tag is the latest value: the next call sets it again
+            self._unreachable(exc)
 
-    def flush(self) -> None:
-        buffer, self._buffer = self._buffer, []
-        for i in range(0, len(buffer), _MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=buffer[i : i + _MAX_METRICS_PER_BATCH])
+    @property
+    def pending(self) -> int:
+        """Metrics kept because the store could not be reached."""
+        return len(self._pending)
+
+    def flush(self) -> bool:
+        """Send the kept and the new metrics; False (and they are kept) when the store is unreachable."""
+        batch, self._buffer = self._pending + self._buffer, []
+        sent = 0
+        try:
+            for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+                self._client.log_batch(self.run_id, metrics=batch[i : i + _MAX_METRICS_PER_BATCH])
+                sent = i + _MAX_METRICS_PER_BATCH
+        except Exception as exc:  # MlflowException, requests' ConnectionError...: keep, warn, go on
+            self._pending = batch[sent:]
+            self._write_spool()
+            self._unreachable(exc)
+            return False
+        if self._pending and self._warned:
+            self._log(f"MLflow {redact(self.tracking_uri)} is back: sent {len(self._pending)} kept metrics")
+        self._pending, self._warned = [], False
+        self._write_spool()
+        return True
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        where = f"in {self._spool}" if self._spool is not None else "in memory"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        self._log(
+            f"warning: MLflow {redact(self.tracking_uri)} unreachable ({first}); training goes on, "
+            f"metrics are kept {where} and sent when it is back"
+        )
+
+    def _read_spool(self) -> list:
+        from mlflow.entities import Metric
+
+        if self._spool is None or not self._spool.is_file():
+            return []
+        rows = []
+        for line in self._spool.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(line)
+                rows.append(Metric(d["key"], float(d["value"]), int(d["timestamp"]), int(d["step"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line
+        return rows
+
+    def _write_spool(self) -> None:
+        if self._spool is None:
+            return
+        if not self._pending:
+            self._spool.unlink(missing_ok=True)
+            return
+        rows = [
+            {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._pending
+        ]
+        write_text_atomic(self._spool, "".join(json.dumps(r) + "\n" for r in rows))

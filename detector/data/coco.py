@@ -119,16 +119,20 @@ def validate_coco_dict(data: Any, source: str) -> tuple[dict[str, Any], Annotati
     category_ids: set[int] = set()
     for index, cat in enumerate(data["categories"]):
         _require(cat, ("id",), f"{source}: category at index {index}", "a category")
-        if not _is_int(cat["id"]) or cat["id"] in category_ids:
-            raise DataError(f"{source}: category at index {index}: 'id' must be a unique integer")
+        if not _is_int(cat["id"]):
+            raise DataError(f"{source}: category at index {index}: 'id' {cat['id']!r} is not an integer")
+        if cat["id"] in category_ids:
+            raise DataError(f"{source}: category at index {index}: duplicate category id {cat['id']}")
         category_ids.add(cat["id"])
 
     image_sizes: dict[int, tuple[float, float]] = {}
     for index, img in enumerate(data["images"]):
         where = f"{source}: image id {img['id']}" if isinstance(img, dict) and "id" in img else None
         _require(img, _IMAGE_KEYS, where or f"{source}: image at index {index}", "an image")
-        if not _is_int(img["id"]) or img["id"] in image_sizes:
-            raise DataError(f"{source}: image at index {index}: 'id' must be a unique integer")
+        if not _is_int(img["id"]):
+            raise DataError(f"{source}: image at index {index}: 'id' must be an integer, got {img['id']!r}")
+        if img["id"] in image_sizes:
+            raise DataError(f"{source}: image at index {index}: duplicate image id {img['id']}")
         for key in ("width", "height"):
             if not _is_number(img[key]) or img[key] <= 0:
                 raise DataError(f"{where}: field {key!r} must be a positive number, got {img[key]!r}")

@@ -42,6 +42,11 @@ def add_sweep_parsers(sub) -> None:
     submit.add_argument(
         "--wait", action="store_true", help="stream the job's logs until it ends; exit with its status"
     )
+    submit.add_argument(
+        "--allow-plain-http",
+        action="store_true",
+        help="send the cluster's token over plain http to a non-local address (refused by default)",
+    )
     submit.set_defaults(func=cmd_sweep_submit)
 
     resume = sweep.add_parser(
@@ -50,6 +55,9 @@ def add_sweep_parsers(sub) -> None:
     resume.add_argument("name")
     resume.add_argument("--storage", help="where the sweep lives (default ./runs)")
     resume.add_argument("--address", help="join this Ray cluster")
+    resume.add_argument(
+        "--mlflow-uri", help="the tracking URI again (needed when the saved one had a password, never saved)"
+    )
     resume.set_defaults(func=cmd_sweep_resume)
 
     status = sweep.add_parser("status", help="the trials of a sweep and their progress")
@@ -83,7 +91,7 @@ def cmd_sweep_run(args) -> int:
 def cmd_sweep_resume(args) -> int:
     from sdetr.platform.sweeps.tune import resume_sweep
 
-    return _report(resume_sweep(args.name, args.storage, address=args.address))
+    return _report(resume_sweep(args.name, args.storage, address=args.address, mlflow_uri=args.mlflow_uri))
 
 
 def _report(summary: dict) -> int:
@@ -95,28 +103,29 @@ def _report(summary: dict) -> int:
     if summary.get("status") == "killed":
         return 130
     if errored:
-        name = Path(summary["sweep_dir"]).name
+        name = summary["sweep_dir"].rstrip("/").rsplit("/", 1)[-1]
         print(f"{len(errored)} trial(s) failed; `sdetr sweep resume {name}` retries them", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_sweep_status(args) -> int:
-    from sdetr.platform.layout import sweep_dir_of
+    from sdetr.platform.storage import sweep_location
     from sdetr.platform.sweeps.results import status_table
 
-    print(status_table(sweep_dir_of(args.storage, args.name)))
+    print(status_table(sweep_location(args.storage, args.name).check()))
     return 0
 
 
 def cmd_pareto(args) -> int:
-    from sdetr.platform.layout import SWEEP_RECORD, sweep_dir_of
+    from sdetr.platform.layout import SWEEP_RECORD
+    from sdetr.platform.storage import sweep_location
     from sdetr.platform.sweeps.results import finalize
 
-    sweep_dir = sweep_dir_of(args.storage, args.name)
-    if not (sweep_dir / SWEEP_RECORD).is_file():
-        raise ConfigError(f"{sweep_dir}: no sweep there (no {SWEEP_RECORD})")
-    finalize(sweep_dir, mlflow=not args.no_mlflow)
+    sweep = sweep_location(args.storage, args.name).check()
+    if not sweep.is_file(SWEEP_RECORD):
+        raise ConfigError(f"{sweep}: no sweep there (no {SWEEP_RECORD})")
+    finalize(sweep, mlflow=not args.no_mlflow)
     return 0
 
 
@@ -126,6 +135,9 @@ def cmd_sweep_submit(args) -> int:
     from sdetr.platform.sweeps.submit import follow_job, submit_sweep
 
     spec = load_sweep(args.file)  # refuse a broken file before anything is shipped
+    check_submit_secrets(
+        args.address, args.token_file, args.mlflow_uri or spec.mlflow_uri, args.allow_plain_http
+    )
     client, job_id = submit_sweep(
         spec, args.file, args.address, args.storage, args.name, args.mlflow_uri, args.token_file
     )
@@ -135,3 +147,30 @@ def cmd_sweep_submit(args) -> int:
     if not args.wait:
         return 0
     return 0 if follow_job(client, job_id) else 1
+
+
+def check_submit_secrets(address: str, token_file, mlflow_uri: str | None, allow_plain_http: bool) -> None:
+    """Refuse to send the cluster's token in clear text to another machine, and to put a password in
+    the job's command line (which the cluster keeps and shows on its dashboard)."""
+    import os
+    from urllib.parse import urlsplit
+
+    from sdetr.platform.sweeps.submit import DEFAULT_TOKEN
+    from sdetr.platform.uris import redact
+
+    if mlflow_uri and redact(mlflow_uri) != mlflow_uri:
+        raise ConfigError(
+            f"--mlflow-uri {redact(mlflow_uri)}: a password in the URI would be stored in the job's command "
+            "line; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on the cluster instead"
+        )
+    token = token_file is not None or DEFAULT_TOKEN.is_file()
+    token = token or any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if token and parts.scheme == "http" and not local:
+        if not allow_plain_http:
+            raise ConfigError(
+                f"--address {address}: the cluster's token would travel unencrypted over plain http to "
+                f"{parts.hostname}; use https://, an SSH tunnel to localhost, or pass --allow-plain-http"
+            )
+        print(f"warning: sending the cluster's token over plain http to {parts.hostname}", file=sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sdetr.platform.cli.common import add_set_argument, load_config
 from sdetr.platform.layout import DEFAULT_STORAGE
+from sdetr.platform.uris import redact
 
 
 def add_train_parser(sub) -> None:
@@ -19,6 +20,11 @@ def add_train_parser(sub) -> None:
     train.add_argument("--epochs", type=int, help="sets optim.epochs")
     train.add_argument(
         "--output", type=Path, help="run folder (sets train.output_dir); re-running on it resumes the run"
+    )
+    train.add_argument(
+        "--restart",
+        action="store_true",
+        help="train from scratch when the run folder's checkpoints are all unreadable (overwrites the run)",
     )
     add_set_argument(train)
     add_distributed_args(train)
@@ -93,7 +99,7 @@ def cmd_train(args) -> int:
         summary = run(cfg, options_from_args(args))
         print(f"run folder: {summary['run_dir']}")
         if summary.get("mlflow"):
-            print(f"MLflow: {summary['mlflow']['tracking_uri']} (run {summary['mlflow']['run_id']})")
+            print(f"MLflow: {redact(summary['mlflow']['tracking_uri'])} (run {summary['mlflow']['run_id']})")
         return 0
     from sdetr.platform.training.local import train
 
@@ -101,6 +107,6 @@ def cmd_train(args) -> int:
         cfg.train.output_dir = str(args.output)
     elif cfg.train.output_dir == "runs/train":
         cfg.train.output_dir = f"runs/{cfg.preset}"
-    train(cfg)
+    train(cfg, restart=args.restart)
     print(f"run folder: {cfg.train.output_dir}")
     return 0

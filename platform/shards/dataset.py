@@ -10,6 +10,7 @@ not depend on which of the two folders it is given.
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +22,49 @@ from pycocotools.coco import COCO
 from sdetr.detector.data.coco import coco_from_dict, prepare_target, validate_annotations
 from sdetr.detector.errors import DataError
 from sdetr.platform.shards.manifest import MANIFEST, REQUIRED_COLUMNS, SCHEMA, load_manifest
+from sdetr.platform.storage import Location
 
 SPLITS = ("train", "val")
 
 
 # -- the folder ------------------------------------------------------------------------------------
 def check_shards(path: str | Path, splits: tuple[str, ...] | list[str] = SPLITS) -> dict[str, Any]:
-    """Check a shard folder on the driver, before any worker starts; returns its manifest.
+    """Check a shard folder (local or a storage URI) on the driver, before any worker starts; returns
+    its manifest.
 
-    Raises `DataError` for a missing/unfinished manifest, an unknown split, a missing shard file, or a
-    Parquet file without the required columns (the message names the file and the columns).
+    Raises `DataError` for a missing/unfinished manifest, an unknown split, a split without images, a
+    missing shard file, or a Parquet file without the required columns (the message names the file and
+    the columns).
     """
-    path = Path(path)
-    manifest = load_manifest(path)
+    folder = Location.of(path)
+    manifest = load_manifest(folder)
     for split in splits:
         entry = manifest["splits"].get(split)
         if entry is None:
             have = ", ".join(sorted(manifest["splits"])) or "none"
-            raise DataError(f"{path}: no split {split!r} in {path / MANIFEST} (has: {have})")
+            raise DataError(f"{folder}: no split {split!r} in {folder}/{MANIFEST} (has: {have})")
         if not entry.get("complete"):
             raise DataError(
-                f"{path}: split {split!r} was not finished (interrupted?); re-run `sdetr data shard` "
+                f"{folder}: split {split!r} was not finished (interrupted?); re-run `sdetr data shard` "
                 "with the same arguments to complete it"
             )
+        if int(entry.get("num_images", 0)) < 1:
+            raise DataError(
+                f"{folder}: split {split!r} has no images (annotations/instances_{split}2017.json lists "
+                "none, or none of its images could be read)"
+            )
         for shard in entry["shards"]:
-            _check_shard_file(path / shard["file"])
+            _check_shard_file(folder, shard["file"])
     return manifest
 
 
-def _check_shard_file(file: Path) -> None:
-    if not file.is_file():
+def _check_shard_file(folder: Location, rel: str) -> None:
+    file = f"{folder}/{rel}"
+    if not folder.is_file(rel):
         raise DataError(f"shard file {file} is missing; re-run `sdetr data shard` to rewrite it")
     try:
-        schema = pq.read_schema(file)
+        with folder.open_input(rel) as f:
+            schema = pq.read_schema(f)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"shard file {file} is not a readable Parquet file: {exc}") from None
     missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
@@ -69,14 +80,24 @@ def _check_shard_file(file: Path) -> None:
 
 
 def shard_files(path: str | Path, manifest: dict[str, Any], split: str) -> list[str]:
-    """Absolute paths of a split's non-empty shards, in image-id order."""
-    return [str(Path(path) / s["file"]) for s in manifest["splits"][split]["shards"] if s["rows"] > 0]
+    """Absolute paths (or URIs) of a split's non-empty shards, in image-id order; pyarrow reads both."""
+    folder = Location.of(path)
+    return [f"{folder}/{s['file']}" for s in manifest["splits"][split]["shards"] if s["rows"] > 0]
 
 
 def coco_ground_truth(path: str | Path, split: str, max_images: int = 0) -> COCO:
     """The validated ground truth written by the sharder, as a pycocotools `COCO` for `evaluate`;
     ``max_images`` > 0 keeps the first images by id (as `CocoDetection`'s ``max_images``)."""
-    data, _ = validate_annotations(Path(path) / "annotations" / f"instances_{split}.json")
+    folder = Location.of(path)
+    rel = f"annotations/instances_{split}.json"
+    if folder.local is not None:
+        data, _ = validate_annotations(folder.local / rel)
+    else:  # the validator reads a file: a local copy of the object
+        with tempfile.TemporaryDirectory(prefix="sdetr-gt-") as tmp:
+            local = Path(tmp) / "annotations" / f"instances_{split}.json"
+            if folder.read_bytes(rel) is None:
+                raise DataError(f"annotation file {folder}/{rel} does not exist; re-run `sdetr data shard`")
+            data, _ = validate_annotations(folder.download(rel, local))
     if max_images > 0:
         keep = set(sorted(img["id"] for img in data["images"])[:max_images])
         data = dict(data)
@@ -130,7 +151,7 @@ class ShardDataset:
     """
 
     def __init__(self, folder: str | Path, split: str, transforms=None, max_images: int = 0):
-        folder = Path(folder)
+        folder = Location.of(folder)
         manifest = check_shards(folder, [split])
         self.coco = coco_ground_truth(folder, split, max_images)
         self.ids: list[int] = sorted(self.coco.imgs)

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from sdetr.detector.errors import DataError
+from sdetr.platform.storage import Location
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -32,22 +33,28 @@ REQUIRED_COLUMNS = tuple(SCHEMA.names)
 
 
 def load_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a shard folder; `DataError` when it is missing or not a manifest."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
+    """The manifest of a shard folder (a local folder or a storage URI); `DataError` when it is missing
+    or not a manifest."""
+    folder = Location.of(out_dir)
+    where = f"{folder.uri}/{MANIFEST}"
+    try:
+        text = folder.read_text(MANIFEST)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read the shard manifest ({exc})") from None
+    if text is None:
         raise DataError(
-            f"{path} does not exist: {Path(out_dir)} is not a shard folder "
+            f"{where} does not exist: {folder.uri} is not a shard folder "
             "(make one with `sdetr data shard --coco ROOT --out DIR`)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the shard manifest ({exc})") from None
+        manifest = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{where}: cannot read the shard manifest ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise DataError(f"{path}: not an sdetr shard manifest (no 'splits' mapping)")
+        raise DataError(f"{where}: not an sdetr shard manifest (no 'splits' mapping)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(
-            f"{path}: schema version {manifest.get('schema_version')!r}, this sdetr reads version "
+            f"{where}: schema version {manifest.get('schema_version')!r}, this sdetr reads version "
             f"{SCHEMA_VERSION}; re-shard with `sdetr data shard --overwrite`"
         )
     return manifest

@@ -208,6 +208,9 @@ def shard_coco(
     # Every annotation file is checked before anything is written: a typo in val2017's JSON should
     # not surface after an hour of sharding train2017.
     validated = {split: validate_annotations(ann) for split, (_, ann) in sources.items()}
+    for split, (data, _) in validated.items():
+        if not data["images"]:
+            raise DataError(f"{sources[split][1]}: split {split!r} lists no images; it needs at least one")
     params = {"source": str(root.resolve()), "shard_size": shard_size, "schema_version": SCHEMA_VERSION}
 
     manifest: dict[str, Any] | None = None

@@ -8,6 +8,7 @@ the sweep runs, after it was killed, and on a copy of its folder.
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,13 @@ from sdetr.detector.errors import ConfigError
 from sdetr.platform import tracking
 from sdetr.platform.layout import (
     DYNAMIC_RHO_FILE,
+    HISTORY_FILE,
     PARETO_DIR,
     RUN_RECORD,
     SWEEP_RECORD,
     TRIAL_RECORD,
     TRIAL_STATES_FILE,
     TRIALS_DIR,
-    read_json,
-    write_json,
 )
 from sdetr.platform.pareto import (
     ParetoPoint,
@@ -33,19 +33,24 @@ from sdetr.platform.pareto import (
     write_csv,
     write_html,
 )
-from sdetr.platform.training.report import read_history
+from sdetr.platform.storage import Location
+from sdetr.platform.sweeps.heartbeat import driver_state
+from sdetr.platform.uris import redact, usable_uri
 
 
-def trial_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+def trial_rows(sweep_dir: str | Path | Location) -> list[dict[str, Any]]:
     """One dict per trial: its record, epochs done, the last epoch's metrics, its state and MLflow run."""
-    states = read_json(sweep_dir / TRIAL_STATES_FILE) or {}
+    sweep = Location.of(sweep_dir)
+    states = sweep.read_json(TRIAL_STATES_FILE) or {}
     rows = []
-    for folder in sorted((sweep_dir / TRIALS_DIR).glob("*")):
-        record = read_json(folder / TRIAL_RECORD)
+    for trial_id in sweep.list_dirs(TRIALS_DIR):
+        folder = sweep.child(TRIALS_DIR, trial_id)
+        record = folder.read_json(TRIAL_RECORD)
         if not record:
             continue
-        history = read_history(folder)
-        run = (read_json(folder / RUN_RECORD) or {}).get("mlflow") or {}
+        saved = folder.read_json(HISTORY_FILE, default={})
+        history = list(saved.get("history", [])) if isinstance(saved, dict) else []
+        run = (folder.read_json(RUN_RECORD) or {}).get("mlflow") or {}
         done = len(history)
         if done >= record["epochs"]:
             state = "completed"
@@ -65,7 +70,7 @@ def trial_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def collect_points(sweep_dir: Path, log=print) -> list:
+def collect_points(sweep_dir: str | Path | Location, log=print) -> list:
     """Pareto points: one per trial, plus the dynamic-ρ evaluations of trained trials."""
     points = []
     for row in trial_rows(sweep_dir):
@@ -92,7 +97,7 @@ def collect_points(sweep_dir: Path, log=print) -> list:
                 extra=extra,
             )
         )
-        dyn = read_json(Path(row["folder"]) / DYNAMIC_RHO_FILE) or {}
+        dyn = Location.of(row["folder"]).read_json(DYNAMIC_RHO_FILE) or {}
         # The curve's GFLOPs must be counted as the trials' were: on the same fixed input, or as a val mean.
         trial_input = cost.get("cost_input", "")
         fixed = trial_input.startswith("3x")
@@ -124,10 +129,11 @@ def collect_points(sweep_dir: Path, log=print) -> list:
     return points
 
 
-def record_states(sweep_dir: Path, grid) -> dict[str, str]:
+def record_states(sweep_dir: str | Path | Location, grid) -> dict[str, str]:
     """Tune's verdict per trial: a trial Tune ended before its last epoch was stopped by the scheduler."""
+    sweep = Location.of(sweep_dir)
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
-    states = read_json(sweep_dir / TRIAL_STATES_FILE) or {}
+    states = sweep.read_json(TRIAL_STATES_FILE) or {}
     for trial in trials:
         if trial.status == "ERROR":
             states[trial.trial_id] = "error"
@@ -135,28 +141,47 @@ def record_states(sweep_dir: Path, grid) -> dict[str, str]:
             states[trial.trial_id] = "stopped_early"  # overridden by "completed" when history is complete
         else:
             states[trial.trial_id] = "running"  # pending or paused when the sweep stopped
-    write_json(sweep_dir / TRIAL_STATES_FILE, states)
+    sweep.write_json(TRIAL_STATES_FILE, states)
     return states
 
 
-def finalize(sweep_dir: Path, log=print, mlflow: bool = True) -> dict[str, Any]:
+def finalize(
+    sweep_dir: str | Path | Location, log=print, mlflow: bool = True, tracking_uri: str | None = None
+) -> dict[str, Any]:
     """Compute the front, write pareto.csv/png/html, and mark it in MLflow (parent artifacts and a
-    ``pareto_optimal`` tag on every trial run). Returns {"points": [...], "front": [...]}."""
-    points = mark_front(collect_points(sweep_dir, log))
-    out = sweep_dir / PARETO_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"{sweep_dir.name}: AP vs GFLOPs"
-    files = [
-        write_csv(points, out / "pareto.csv"),
-        plot_png(points, out / "pareto.png", title=title),
-        write_html(points, out / "pareto.html", title=title),
-    ]
-    log(format_table(points))
-    log(f"Pareto front: {', '.join(str(f) for f in files)}")
-    record = read_json(sweep_dir / SWEEP_RECORD) or {}
-    tracked = record.get("mlflow")
-    if mlflow and tracked:
-        _log_front(tracked, points, files)
+    ``pareto_optimal`` tag on every trial run). Returns {"points": [...], "front": [...]}.
+
+    ``tracking_uri``: the sweep's store when the saved one is masked (it had a password); else the
+    saved one, or $MLFLOW_TRACKING_URI when it is the same URI."""
+    sweep = Location.of(sweep_dir)
+    points = mark_front(collect_points(sweep, log))
+    title = f"{sweep.name}: AP vs GFLOPs"
+    with tempfile.TemporaryDirectory(prefix="sdetr-pareto-") as tmp:
+        # Written in place on a local sweep; on object storage drawn here and uploaded.
+        out = sweep.local / PARETO_DIR if sweep.local is not None else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        files = [
+            write_csv(points, out / "pareto.csv"),
+            plot_png(points, out / "pareto.png", title=title),
+            write_html(points, out / "pareto.html", title=title),
+        ]
+        if sweep.local is None:
+            for f in files:
+                sweep.upload(f, f"{PARETO_DIR}/{f.name}")
+        log(format_table(points))
+        log(f"Pareto front: {', '.join(f'{sweep}/{PARETO_DIR}/{f.name}' for f in files)}")
+        record = sweep.read_json(SWEEP_RECORD) or {}
+        tracked = record.get("mlflow")
+        if tracked:
+            uri = tracking_uri or usable_uri(tracked["tracking_uri"])
+            if uri is None and mlflow:
+                log(
+                    f"note: MLflow not updated: give {tracked['tracking_uri']} with its password "
+                    "in $MLFLOW_TRACKING_URI"
+                )
+            tracked = {**tracked, "tracking_uri": uri} if uri else None
+        if mlflow and tracked:
+            _log_front(tracked, points, files)
     front = [p for p in points if p.on_front]
     return {"points": points, "front": front}
 
@@ -182,16 +207,21 @@ def _log_front(tracked: dict[str, str], points: list, files: list[Path]) -> None
     )
 
 
-def status_table(sweep_dir: Path) -> str:
-    """``sdetr sweep status``: one line per trial."""
-    if not (sweep_dir / SWEEP_RECORD).is_file():
-        raise ConfigError(f"{sweep_dir}: no sweep there (no {SWEEP_RECORD})")
-    record = read_json(sweep_dir / SWEEP_RECORD) or {}
-    rows = trial_rows(sweep_dir)
+def status_table(sweep_dir: str | Path | Location) -> str:
+    """``sdetr sweep status``: one line per trial; "running" only while the sweep's driver is alive."""
+    sweep = Location.of(sweep_dir)
+    record = sweep.read_json(SWEEP_RECORD)
+    if record is None:
+        raise ConfigError(f"{sweep}: no sweep there (no {SWEEP_RECORD})")
+    status, detail = driver_state(record)
+    rows = trial_rows(sweep)
     header = ("trial", "label", "epochs", "AP", "AP50", "GFLOPs", "state")
     lines = [header]
     for r in rows:
         ap, ap50 = r["last"].get("AP"), r["last"].get("AP50")
+        state = r["state"]
+        if state == "running" and status != "running":
+            state = "interrupted"  # its driver is gone: nothing runs it
         lines.append(
             (
                 r["trial_id"],
@@ -200,15 +230,18 @@ def status_table(sweep_dir: Path) -> str:
                 _fmt(ap),
                 _fmt(ap50),
                 _fmt(r["cost"].get("gflops"), 1),
-                r["state"],
+                state,
             )
         )
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     body = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
     done = sum(r["state"] == "completed" for r in rows)
-    head = f"sweep {sweep_dir.name}: {record.get('status', '?')}, {done}/{len(rows)} trials completed"
+    state = f"{status} {detail}".rstrip()
+    head = f"sweep {sweep.name}: {state}, {done}/{len(rows)} trials completed"
     if record.get("mlflow"):
-        head += f"; MLflow {record['mlflow']['tracking_uri']} parent run {record['mlflow']['run_id']}"
+        head += f"; MLflow {redact(record['mlflow']['tracking_uri'])} parent run {record['mlflow']['run_id']}"
+    if status == "stopped":
+        head += f"\n`sdetr sweep resume {sweep.name}` continues it"
     return head + "\n" + (body if rows else "(no trial has started yet)")
 
 

@@ -36,18 +36,18 @@ from sdetr.platform.layout import (
     SPEC_FILE,
     SWEEP_RECORD,
     TIME_ATTR,
-    read_json,
-    sweep_dir_of,
-    write_json,
 )
 from sdetr.platform.resources import TRIAL_DRIVER_CPUS, cluster_resources
 from sdetr.platform.shards.dataset import check_shards
-from sdetr.platform.storage import RunStorage, is_uri
+from sdetr.platform.storage import Location, RunStorage, is_uri
+from sdetr.platform.sweeps.heartbeat import Heartbeat
 from sdetr.platform.sweeps.moasha import MOASHA, SoundResultsSearcher
 from sdetr.platform.sweeps.results import finalize, record_states
 from sdetr.platform.sweeps.spec import Dimension, SweepSpec, max_epochs, plan_trials
+from sdetr.platform.sweeps.summary import DESCRIPTION_TAG, sweep_description
 from sdetr.platform.sweeps.trial import SweepContext, trial_main
 from sdetr.platform.training.run_plan import check_categories, prepare_data
+from sdetr.platform.uris import MASK, check_tracking_uri, redact
 
 
 def _same_spec(saved: dict[str, Any], spec: SweepSpec) -> list[str]:
@@ -69,20 +69,23 @@ def run_sweep(
     name = name or spec.name
     if not name or "/" in name:
         raise ConfigError(f"--name {name!r}: a sweep name is one non-empty path component")
-    storage = storage or spec.storage or DEFAULT_STORAGE
-    sweep_dir = sweep_dir_of(storage, name)
-    record_path = sweep_dir / SWEEP_RECORD
-    record = read_json(record_path) if record_path.is_file() else None
+    root = Location(storage or spec.storage or DEFAULT_STORAGE).check()  # unknown scheme, unreachable
+    sweep = root.child(name)
+    record = sweep.read_json(SWEEP_RECORD)
     if record is not None:
-        saved = yaml.safe_load((sweep_dir / SPEC_FILE).read_text())
+        saved = yaml.safe_load(sweep.read_text(SPEC_FILE) or "{}")
         changed = _same_spec(saved, spec)
         if changed:
             raise ConfigError(
-                f"{sweep_dir}: holds a sweep with a different spec ({', '.join(changed[:5])} differ); "
+                f"{sweep}: holds a sweep with a different spec ({', '.join(changed[:5])} differ); "
                 f"choose another --name, or `sdetr sweep resume {name}` to continue the saved one"
             )
     elif resume:
-        raise ConfigError(f"{sweep_dir}: no sweep to resume there (no {SWEEP_RECORD})")
+        raise ConfigError(f"{sweep}: no sweep to resume there (no {SWEEP_RECORD})")
+    # An unreachable or misspelt tracking URI fails here, in seconds, before Ray starts.
+    uri = tracking.resolve_tracking_uri(mlflow_uri if mlflow_uri is not None else spec.mlflow_uri, root.local)
+    if uri is not None:
+        check_tracking_uri(uri)
 
     # Everything a user can get wrong, before a single trial starts.
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -92,7 +95,7 @@ def run_sweep(
     data_root = spec.data or base.data.root
     if not is_uri(data_root) and not Path(data_root).expanduser().exists():
         raise ConfigError(f"{spec.where('data')}: data: {Path(data_root).expanduser().resolve()} not found")
-    run_storage = RunStorage(str(sweep_dir.parent), name)
+    run_storage = RunStorage(root.uri, name)
     data_path = prepare_data(data_root, run_storage, log)
 
     check_shards(data_path, ["train", "val"])
@@ -101,10 +104,7 @@ def run_sweep(
         where = f"{spec.where('preset')}: the trial {params or spec.preset}"
         check_categories(data_path, trial.model.num_classes, where=where)
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_tracking_uri(
-        mlflow_uri if mlflow_uri is not None else spec.mlflow_uri, sweep_dir.parent
-    )
+    sweep.check(create=True)
     tracked = None
     job_id = os.environ.get("SDETR_RAY_JOB_ID", "")
     if uri is not None:
@@ -114,66 +114,69 @@ def run_sweep(
             name,
             experiment=spec.experiment,
             artifact_location=run_storage.artifact_location(),
-            previous_run_id=previous.get("run_id") if previous.get("tracking_uri") == uri else None,
+            previous_run_id=previous.get("run_id") if previous.get("tracking_uri") == redact(uri) else None,
             params=_parent_params(spec, cpus_per_worker, concurrent),
             tags={
                 "sdetr.sweep": name,
-                "sdetr.sweep_dir": str(sweep_dir),
+                "sdetr.sweep_dir": str(sweep),
                 "sdetr.sweep_file": spec.path,
                 "sdetr.ray_job_id": job_id,
                 "sdetr.kind": "sweep",
+                DESCRIPTION_TAG: sweep_description(spec),
             },
-            match_tags={"sdetr.sweep_dir": str(sweep_dir)},
+            match_tags={"sdetr.sweep_dir": str(sweep)},
             log=log,
         )
-    (sweep_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    write_json(
-        record_path,
+    sweep.write_text(SPEC_FILE, yaml.safe_dump(_saved_spec(spec), sort_keys=False))
+    # Never a password in the record (a file on shared storage); `resume` asks for the URI again.
+    saved_mlflow = {**tracked.to_dict(), "tracking_uri": redact(uri)} if tracked else None
+    heartbeat = Heartbeat(
+        sweep,
         {
             "name": name,
             "spec_file": spec.path,
             "data": data_path,
-            "mlflow": tracked.to_dict() if tracked else None,
+            "mlflow": saved_mlflow,
             "experiment": spec.experiment,
             "created": (record or {}).get("created", time.time()),
             "status": "running",
         },
     )
-    how = spec.algorithm if spec.scheduler == "none" else f"{spec.algorithm}, {spec.scheduler.upper()}"
     log(
-        f"{'resuming' if record else 'starting'} sweep {sweep_dir}: {spec.num_trials()} trials "
-        f"({how}), {concurrent} at a time, "
+        f"{'resuming' if record else 'starting'} sweep {sweep}: {spec.num_trials()} trials "
+        f"({spec.algorithm}{', ASHA' if spec.scheduler == 'asha' else ''}), {concurrent} at a time, "
         f"each {spec.workers} workers x {cpus_per_worker:g} CPU"
         + (f" + {spec.gpus_per_worker:g} GPU" if spec.gpus_per_worker else "")
     )
     if tracked:
-        log(f"MLflow: {uri} (experiment {spec.experiment!r}, parent run {tracked.run_id})")
+        log(f"MLflow: {redact(uri)} (experiment {spec.experiment!r}, parent run {tracked.run_id})")
 
     context = SweepContext(
         spec=spec,
-        sweep_dir=str(sweep_dir),
+        sweep_dir=str(sweep),
         data=data_path,
         cpus_per_worker=cpus_per_worker,
         mlflow=tracked.to_dict() if tracked else None,
         ray_job_id=job_id,
     )
-    if job_id:
+    if job_id and sweep.local is not None:
         # A submitted job runs in its unpacked working_dir, which Ray's runtime-env agents may garbage-
         # collect mid-run (seen with two nodes on one machine); Tune's last steps need a valid cwd.
         # Every path is absolute by now.
-        os.chdir(sweep_dir)
+        os.chdir(sweep.local)
     status = "FAILED"
     try:
-        grid = _tune(spec, sweep_dir, context, concurrent, address, restore=record is not None)
-        states = record_states(sweep_dir, grid)
+        grid = _tune(spec, sweep, context, concurrent, address, restore=record is not None)
+        states = record_states(sweep, grid)
         # Tune returns normally after Ctrl+C too, with trials left pending or running.
         status = "KILLED" if "running" in states.values() else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        heartbeat.stop()
         try:
-            summary = finalize(sweep_dir, log=log)
+            summary = finalize(sweep, log=log, tracking_uri=uri)
         except Exception as exc:
             if status == "FINISHED":
                 raise
@@ -184,19 +187,25 @@ def run_sweep(
             log(f"interrupted: `sdetr sweep resume {name}` continues the unfinished trials")
         if tracked is not None:
             tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
-        record = read_json(record_path, default={})
-        record["status"] = status.lower()
-        write_json(record_path, record)
+        heartbeat.finish(status.lower())
     return {
-        "sweep_dir": str(sweep_dir),
+        "sweep_dir": str(sweep),
         "status": status.lower(),
-        "mlflow": tracked.to_dict() if tracked else None,
+        "mlflow": saved_mlflow,
         **summary,
     }
 
 
+def _saved_spec(spec: SweepSpec) -> dict[str, Any]:
+    """The spec as ``sweep.yaml`` and the parent run's params hold it: no password in its URI."""
+    data = spec.to_dict()
+    if data.get("mlflow_uri"):
+        data["mlflow_uri"] = redact(data["mlflow_uri"])
+    return data
+
+
 def _parent_params(spec: SweepSpec, cpus_per_worker: float, concurrent: int) -> dict[str, Any]:
-    params = {k: v for k, v in spec.to_dict().items() if k not in ("space", "overrides")}
+    params = {k: v for k, v in _saved_spec(spec).items() if k not in ("space", "overrides")}
     params.update({f"set.{k}": v for k, v in spec.overrides.items()})
     for d in spec.space:
         params[f"space.{d.key}"] = (
@@ -228,7 +237,7 @@ def _search_alg(spec: SweepSpec):
 
 def _tune(
     spec: SweepSpec,
-    sweep_dir: Path,
+    sweep: Location,
     context: SweepContext,
     concurrent: int,
     address: str | None,
@@ -253,17 +262,19 @@ def _tune(
         tune.with_parameters(trial_main, context=context),
         {"CPU": TRIAL_DRIVER_CPUS, "GPU": 0},
     )
-    path = str(sweep_dir)
+    path = str(sweep)  # a folder or a URI: Tune reads and writes it through pyarrow as we do
+    # MOASHA's record is a local file: with a sweep on object storage it stays on the driver's machine.
+    local_dir = sweep.local or Path.home() / ".cache" / "sdetr" / "sweeps" / sweep.name
     if restore and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     tuner = tune.Tuner(
         trainable,
         param_space=spec.tune_space(),
-        tune_config=tune_config(spec, concurrent, sweep_dir),
+        tune_config=tune_config(spec, concurrent, local_dir),
         run_config=tune.RunConfig(
-            name=sweep_dir.name,
-            storage_path=str(sweep_dir.parent),
+            name=sweep.name,
+            storage_path=path.rsplit("/", 1)[0],
             failure_config=tune.FailureConfig(max_failures=max(spec.max_failures, 0)),
             verbose=1,
         ),
@@ -308,21 +319,39 @@ def tune_config(spec: SweepSpec, concurrent: int, sweep_dir: Path):
 
 
 def resume_sweep(
-    name: str, storage: str | None = None, address: str | None = None, log=print
+    name: str,
+    storage: str | None = None,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
+    log=print,
 ) -> dict[str, Any]:
-    """``sdetr sweep resume NAME``: continue the saved spec of ``<storage>/<name>``."""
-    sweep_dir = sweep_dir_of(storage, name)
-    spec_path = sweep_dir / SPEC_FILE
-    if not spec_path.is_file():
-        raise ConfigError(f"{sweep_dir}: no sweep there (no {SPEC_FILE}); `sdetr sweep run FILE` starts one")
-    record = read_json(sweep_dir / SWEEP_RECORD, default={})
-    spec = load_saved_spec(spec_path)
-    uri = ((record.get("mlflow") or {}).get("tracking_uri")) or "none"
-    return run_sweep(spec, str(sweep_dir.parent), name, address=address, mlflow_uri=uri, resume=True, log=log)
+    """``sdetr sweep resume NAME``: continue the saved spec of ``<storage>/<name>``.
+
+    The tracking URI is the saved one; one saved with a masked password must be given again
+    (``--mlflow-uri`` or $MLFLOW_TRACKING_URI), since sdetr never saves a password.
+    """
+    root = Location(storage or DEFAULT_STORAGE).check()
+    sweep = root.child(name)
+    text = sweep.read_text(SPEC_FILE)
+    if text is None:
+        raise ConfigError(f"{sweep}: no sweep there (no {SPEC_FILE}); `sdetr sweep run FILE` starts one")
+    record = sweep.read_json(SWEEP_RECORD, default={})
+    spec = load_saved_spec(text)
+    saved = ((record.get("mlflow") or {}).get("tracking_uri")) or "none"
+    uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or saved
+    if MASK in uri:
+        raise ConfigError(
+            f"{sweep}: its MLflow URI {saved} had a password, which sdetr does not save; give it again "
+            "with --mlflow-uri or $MLFLOW_TRACKING_URI (or use MLFLOW_TRACKING_USERNAME/_PASSWORD)"
+        )
+    if redact(uri) != saved and saved != "none":
+        log(f"note: the sweep was tracked in {saved}; continuing in {redact(uri)}")
+    return run_sweep(spec, root.uri, name, address=address, mlflow_uri=uri, resume=True, log=log)
 
 
-def load_saved_spec(path: Path) -> SweepSpec:
-    data = yaml.safe_load(path.read_text())
+def load_saved_spec(text: str) -> SweepSpec:
+    """The `SweepSpec` of a sweep's saved ``sweep.yaml`` (its text)."""
+    data = yaml.safe_load(text)
     space = [Dimension(**d) for d in data.pop("space", [])]
     cost_input = data.pop("cost_input", None)
     spec = SweepSpec(**data, space=space)

@@ -13,8 +13,8 @@ import torch
 
 from sdetr.detector.checkpoint import read_checkpoint
 from sdetr.detector.config import Config
-from sdetr.detector.errors import CheckpointError
-from sdetr.platform.layout import CHECKPOINT_GLOB, EVENTS_FILE, STATE_FILE, append_jsonl
+from sdetr.detector.errors import CheckpointError, ConfigError
+from sdetr.platform.layout import CHECKPOINT_GLOB, EVENTS_FILE, STATE_FILE, TMP_MARK, append_jsonl
 
 # Fields that may change between attempts of one run without making it a different run.
 RESUMABLE_CHANGES = (
@@ -38,6 +38,18 @@ def config_differences(saved: dict, cfg: Config, resumable=RESUMABLE_CHANGES) ->
     before = Config.from_dict(saved, source="checkpoint config").flat()
     now = cfg.flat()
     return [k for k in now if k not in resumable and before.get(k) != now[k]]
+
+
+def check_schedule(cfg: Config) -> None:
+    """Refuse counts that would train nothing (``--epochs 0``) or fail later with a raw error."""
+    for key, flag, value, low in (
+        ("optim.epochs", "--epochs", cfg.optim.epochs, 1),
+        ("optim.batch_size", None, cfg.optim.batch_size, 1),
+        ("data.num_workers", None, cfg.data.num_workers, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            name = f"{key} ({flag})" if flag else key
+            raise ConfigError(f"{name} = {value!r}: must be an integer of at least {low}")
 
 
 def record_event(run_dir: Path | None, **fields) -> None:
@@ -77,14 +89,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- single-process checkpoints -------------------------------------------------------------------
-def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; torn or corrupt files are skipped with a warning."""
-    for path in sorted(ckpt_dir.glob(CHECKPOINT_GLOB), reverse=True):
+def resume_checkpoint(ckpt_dir: Path, restart: bool = False, log=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, or None for a fresh run.
+
+    A torn or corrupt newer one is skipped with a warning (the run resumes from the one before). When
+    there are checkpoints but none loads, the run is not silently overwritten: a `CheckpointError`,
+    unless ``restart`` (``--restart``), which removes them.
+    """
+    files = sorted(ckpt_dir.glob(CHECKPOINT_GLOB), reverse=True) if ckpt_dir.is_dir() else []
+    errors = []
+    for path in files:
         try:
             return path, read_checkpoint(path)
         except CheckpointError as exc:
-            print(f"warning: skipping unreadable checkpoint: {exc}")
+            log(f"warning: skipping unreadable checkpoint (resuming from an earlier one): {exc}")
+            errors.append(str(exc))
+    if not files:
+        return None
+    if not restart:
+        raise CheckpointError(
+            f"{ckpt_dir}: none of its {len(files)} checkpoint(s) can be read ({errors[0]}); pass "
+            "--restart to train this run again from scratch (it overwrites the run), or another --output"
+        )
+    log(f"--restart: removing {len(files)} unreadable checkpoint(s) of {ckpt_dir} and training from scratch")
+    for path in files:
+        path.unlink(missing_ok=True)
     return None
+
+
+def remove_interrupted_writes(folder: Path, log=print) -> int:
+    """Delete the temporary files of writes killed mid-way (`save_atomic`'s ``.<name>.*.tmp``, the
+    atomic writer's ``.<name>.tmp-<pid>``) under ``folder``; returns how many."""
+    if not folder.is_dir():
+        return 0
+    found = [p for pattern in (".*.tmp", f".*{TMP_MARK}*") for p in folder.rglob(pattern) if p.is_file()]
+    size = 0
+    for path in found:
+        try:
+            size += path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue  # a concurrent writer's file that it renamed meanwhile
+    if found:
+        log(f"removed {len(found)} temporary file(s) of interrupted writes ({size / 1e6:.1f} MB) in {folder}")
+    return len(found)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:

@@ -26,8 +26,10 @@ from sdetr.detector.errors import SdetrError
 from sdetr.platform import tracking
 from sdetr.platform.layout import CONFIG_FILE, RUN_RECORD, STATE_FILE
 from sdetr.platform.shards.reader import dataset_config, read_split
+from sdetr.platform.training.checkpointing import remove_interrupted_writes
 from sdetr.platform.training.run_plan import DistributedOptions, RunPlan, check_previous_run, plan_run
 from sdetr.platform.training.worker import train_func
+from sdetr.platform.uris import redact
 
 
 class TrainingFailed(SdetrError):
@@ -43,13 +45,16 @@ def launch(plan: RunPlan, log=print) -> dict[str, Any]:
     """Run a checked plan to its last epoch (or continue it); see the module docstring."""
     cfg, storage = plan.cfg, plan.storage
     record = check_previous_run(storage, cfg, plan.workers)
+    if storage.local is not None:
+        remove_interrupted_writes(storage.local, log)  # of a driver or worker killed mid-write
     tracked = start_tracking(plan, record, log)
     storage.write_text(CONFIG_FILE, cfg.to_yaml())
     run_record = {
         "name": storage.name,
         "workers": plan.workers,
         "data": plan.data_path,
-        "mlflow": tracked.to_dict() if tracked else None,
+        # Never a password: the record is a file on shared storage.
+        "mlflow": {**tracked.to_dict(), "tracking_uri": redact(tracked.tracking_uri)} if tracked else None,
         "created": (record or {}).get("created", time.time()),
     }
     storage.write_text(RUN_RECORD, json.dumps(run_record, indent=1))
@@ -96,7 +101,7 @@ def start_tracking(plan: RunPlan, record: dict | None, log=print):
     )
     params.update(placement.params)
     previous = (record or {}).get("mlflow") or {}
-    same_store = previous.get("tracking_uri") == placement.tracking_uri
+    same_store = previous.get("tracking_uri") == redact(placement.tracking_uri)
     tracked = tracking.start_run(
         placement.tracking_uri,
         storage.name,

@@ -5,7 +5,9 @@ The epoch and evaluation functions live in engine.py and are shared with the Ray
 
 from __future__ import annotations
 
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,20 @@ from sdetr.platform.layout import (
     single_process_checkpoint_name,
     write_text_atomic,
 )
+from sdetr.platform.shards.writer import read_image_file
 from sdetr.platform.training.checkpointing import (
+    check_schedule,
     config_differences,
-    latest_checkpoint,
     prune_checkpoints,
+    remove_interrupted_writes,
+    resume_checkpoint,
     seed_everything,
 )
 from sdetr.platform.training.engine import evaluate, train_one_epoch
 from sdetr.platform.training.optim import build_optimizer
 from sdetr.platform.training.report import epoch_record, format_record
+
+_LISTED = 5  # unreadable images named in the message
 
 
 def check_categories(dataset, num_classes: int, source: str) -> None:
@@ -55,6 +62,10 @@ def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoa
         )
     train_set = build_dataset("train", cfg.data)
     val_set = build_dataset("val", cfg.data)
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        if len(dataset) == 0:
+            raise DataError(f"{dataset.ann_file}: the {split} split has no images")
+        check_images(dataset, split)
     check_categories(train_set, cfg.model.num_classes, str(data_root))
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(
@@ -83,15 +94,33 @@ def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoa
     return train_set, val_set, train_loader, val_loader
 
 
-def train(cfg: Config, log=print) -> list[dict[str, float]]:
+def check_images(dataset, split: str, threads: int = 4) -> None:
+    """Read every image the run will use, up front (as `sdetr data shard` does), so a missing or corrupt
+    file is one message listing them instead of a crash hours into an epoch."""
+    paths = [dataset.img_folder / dataset.coco.imgs[i]["file_name"] for i in dataset.ids]
+    with ThreadPoolExecutor(threads) as pool:
+        reasons = list(pool.map(lambda p: read_image_file(p)[2], paths))
+    bad = [f"{p} ({reason})" for p, reason in zip(paths, reasons) if reason is not None]
+    if bad:
+        listed = "; ".join(bad[:_LISTED]) + (f"; and {len(bad) - _LISTED} more" if len(bad) > _LISTED else "")
+        raise DataError(
+            f"{len(bad)} of the {len(paths)} {split} images of {dataset.ann_file} cannot be read: {listed}. "
+            "Fix or remove them, or train on shards (`sdetr data shard` skips them, `--workers 1`)"
+        )
+
+
+def train(cfg: Config, log=print, restart: bool = False) -> list[dict[str, float]]:
     """Train ``cfg`` on one device; returns the per-epoch metrics (also written to metrics.jsonl).
 
     Running it again on the same run folder with the same config continues from the latest valid
-    checkpoint (or does nothing when the run is finished); a different config is refused.
+    checkpoint (or does nothing when the run is finished); a different config is refused, and so is a
+    run folder whose checkpoints are all unreadable, unless ``restart``.
     """
+    check_schedule(cfg)
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / CHECKPOINTS_DIR
-    existing = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    remove_interrupted_writes(out_dir, log)
+    existing = resume_checkpoint(ckpt_dir, restart=restart, log=log)
     if existing:
         changed = config_differences(existing[1].get("config", {}), cfg)
         if changed:
@@ -118,11 +147,16 @@ def train(cfg: Config, log=print) -> list[dict[str, float]]:
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
         torch.set_rng_state(state["rng"]["torch"])
+        # metrics.jsonl says what the checkpoint's history says: epochs after it (logged before a
+        # crash, or by a checkpoint found corrupt) are trained again and must not appear twice.
+        write_text_atomic(out_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
         if start_epoch >= cfg.optim.epochs:
             log(f"{out_dir}: already finished ({cfg.optim.epochs} epochs); nothing to do")
             return history
         log(f"resuming from {path.name}: epoch {start_epoch + 1} of {cfg.optim.epochs}")
 
+    elif (out_dir / METRICS_FILE).exists():
+        (out_dir / METRICS_FILE).unlink()  # lines of epochs no checkpoint kept: they are trained again
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / CONFIG_FILE, cfg.to_yaml())
     log(

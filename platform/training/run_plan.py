@@ -33,7 +33,8 @@ from sdetr.platform.shards.manifest import MANIFEST
 from sdetr.platform.shards.reader import num_categories_max_id, steps_per_epoch
 from sdetr.platform.shards.writer import shard_coco
 from sdetr.platform.storage import RunStorage, is_uri
-from sdetr.platform.training.checkpointing import RESUMABLE_DISTRIBUTED, config_differences
+from sdetr.platform.training.checkpointing import RESUMABLE_DISTRIBUTED, check_schedule, config_differences
+from sdetr.platform.uris import check_tracking_uri
 
 
 @dataclass
@@ -98,11 +99,19 @@ def plan_run(cfg: Config, opts: DistributedOptions, log=print) -> RunPlan:
         cfg.train.keep_checkpoints = opts.keep_checkpoints
     if opts.max_failures < -1:
         raise ConfigError(f"--max-failures {opts.max_failures}: use -1 (no limit) or >= 0")
+    if isinstance(opts.workers, bool) or not isinstance(opts.workers, int) or opts.workers < 1:
+        raise ConfigError(f"--workers {opts.workers}: a run needs at least 1 worker")
+    check_schedule(cfg)
     check_device(cfg, opts.gpus_per_worker)
     if cfg.train.time_limit_s > 0:
         # Ranks reading the clock would stop at different steps and hang DDP's collectives.
         log("note: train.time_limit_s applies to single-process training only; ignored with --workers")
     storage = RunStorage(opts.storage or DEFAULT_STORAGE, name)
+    storage.root.check()  # an unknown scheme or unreachable store fails here, before Ray starts
+    # So does an unreachable or misspelt tracking URI (within seconds, naming it).
+    uri = tracking.resolve_tracking_uri(opts.mlflow_uri, storage.root_local)
+    if uri is not None:
+        check_tracking_uri(uri)
     if not is_uri(cfg.data.root) and not Path(cfg.data.root).expanduser().exists():
         prepare_data(cfg.data.root, storage, log)  # raises the "data not found" error before Ray starts
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
@@ -119,7 +128,6 @@ def plan_run(cfg: Config, opts: DistributedOptions, log=print) -> RunPlan:
         raise ConfigError(f"{asked}: {exc}") from None
     data_path = prepare_data(cfg.data.root, storage, log)
     check_categories(data_path, cfg.model.num_classes)
-    uri = tracking.resolve_tracking_uri(opts.mlflow_uri, storage.root_local)
     return resolve_plan(
         cfg,
         storage,
