@@ -82,7 +82,6 @@ def find_cuda_home() -> str | None:
 
 def _cuda_plan() -> tuple[bool, str]:
     """Whether the CUDA sources go into the build, and why (not)."""
-    # Opt-in: CUDA tensors are served by the Triton kernels; the CUDA C++ ones are an alternative backend.
     want = os.environ.get(CUDA_ENV, "0").strip().lower() or "0"
     if want in ("0", "no", "false", "off"):
         return False, f"CUDA C++ kernels are opt-in ({CUDA_ENV}=1 builds them); Triton serves CUDA tensors"
@@ -196,8 +195,7 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
-def cpu_kernels_loaded() -> bool:
-    """The C++ library (CPU kernels) is loaded in this process."""
+def cpu_kernels_loaded() -> bool:  # the C++ library (CPU kernels) is loaded in this process
     return _has_kernel("sdetr::ms_deform_attn", "CPU")
 
 
