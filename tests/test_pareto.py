@@ -119,22 +119,26 @@ def test_three_mixed_objectives_match_brute_force_on_random_points():
 
 
 def test_labels():
-    assert label_for(0.1, "resnet50") == "ρ=0.1 R50"
-    assert label_for(0.3, "swin_t") == "ρ=0.3 Swin-T"
-    assert label_for(0.30000000000000004, "resnet18") == "ρ=0.3 R18"
-    assert label_for(None, "resnet50", "r50_deformable_detr") == "deformable R50"
-    assert label_for(0.0, "resnet50", "r50_deformable_detr") == "deformable R50"
-    assert label_for(0, "swin_t", "swint_efficient_detr") == "efficient Swin-T"
+    # What the point is (the papers' names), then its backbone.
+    assert label_for(0.1, "resnet50") == "Sparse ρ=0.1 R50"
+    assert label_for(0.3, "swin_t") == "Sparse ρ=0.3 Swin-T"
+    assert label_for(0.30000000000000004, "resnet18", "mini_sparse_detr_rho_0.1") == "Sparse ρ=0.3 R18"
+    assert label_for(None, "resnet50", "r50_deformable_detr") == "Deformable R50"
+    assert label_for(0.0, "resnet18", "mini_deformable_detr") == "Deformable R18"
+    assert label_for(0, "swin_t", "swint_efficient_detr") == "Efficient Swin-T"
     assert (
         label_for(None, "resnet50", "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage")
-        == "deformable+refine+two-stage R50"
+        == "Deformable+refine+two-stage R50"
     )
     assert label_for(None, "resnet18", "tiny_deformable_detr_plus_iterative_bbox_refinement") == (
-        "deformable+refine R18"
+        "Deformable+refine R18"
     )
+    assert label_for(0, "resnet18", "mini_lite_detr_h3l1_3p1x2") == "Lite H3L1-(3+1)x2 R18"
+    assert label_for(0, "resnet50", "r50_detr") == "DETR R50"
+    assert label_for(0, "resnet50", "r50_faster_rcnn_fpn") == "Faster R-CNN R50"
     assert label_for(None, "resnet50") == "dense R50"
     # An empty label is filled in.
-    assert ParetoPoint("", 40.0, 100.0, rho=0.2, backbone="resnet50").label == "ρ=0.2 R50"
+    assert ParetoPoint("", 40.0, 100.0, rho=0.2, backbone="resnet50").label == "Sparse ρ=0.2 R50"
 
 
 def test_point_coerces_numbers_and_rejects_bad_fields():
@@ -215,11 +219,32 @@ def test_format_table_puts_the_front_first_sorted_by_gflops():
     starred = [ln for ln in body if ln.startswith("*")]
     assert len(starred) == sum(p.on_front for p in pts) == 5
     assert body[: len(starred)] == starred  # front members first...
-    gflops = [float(ln.split()[ln.split().index("R50") + 2]) for ln in starred]
+    # Columns after the label (which ends with the backbone): AP, AP50, GFLOPs.
+    gflops = [float(ln.split()[ln.split().index("R50") + 3]) for ln in starred]
     assert gflops == sorted(gflops)  # ...by cost
-    assert "stopped_early" in text and "error" in text and "dynamic_rho" in text
-    assert "5 of 9 points on the Pareto front" in lines[-1]
-    assert "0.412" in text  # AP as a fraction keeps three decimals
+    assert "stopped early" in text and "error" in text
+    assert "5 of 9 points on the Pareto front" in lines[2 + len(pts)]
+    assert " 41.2 " in text and "0.412" not in text  # AP in percent, one decimal, as the papers print it
+    assert "FPS: not measured" not in text  # some points have an FPS
+    assert max(len(line) for line in lines) <= pareto.files.TABLE_WIDTH
+
+
+def test_format_table_fits_100_columns_and_says_how_gflops_were_counted():
+    r18 = {"backbone": "resnet18"}
+    long = [
+        ParetoPoint("", 0.3012, 1.53, trial_id="abcde_00001", preset="mini_lite_detr_h3l1_3p1x2", **r18),
+        ParetoPoint("", 0.3344, 2.23, trial_id="abcde_00002", preset="mini_deformable_detr", **r18),
+        ParetoPoint("", 0.28, 1.5, trial_id="abcde_00003", rho=0.05, source="dynamic_rho", **r18),
+    ]
+    mark_front(long)
+    note = (
+        "mean over 10 val images as evaluated (~160x211) (at the papers' 3x850x1040: MLflow's GFLOPs_fixed)"
+    )
+    text = pareto.format_table(long, note)
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+    assert (
+        "33.4" in text and "2.23" in text and "FPS: not measured" in text and "GFLOPs: mean over 10" in text
+    )
 
 
 def test_csv_round_trip(tmp_path):
@@ -242,9 +267,9 @@ def test_csv_round_trip(tmp_path):
             assert (r[name] == "") if value is None else (float(r[name]) == value), (p.label, name)
         for name in ("backbone", "preset", "status", "source", "trial_id", "run_id"):
             assert r[name] == getattr(p, name)
-    deformable = by_key["t3", "trial", "deformable R50"]
+    deformable = by_key["t3", "trial", "Deformable R50"]
     assert deformable["params"] == "39800000" and deformable["lr"] == "0.0002"
-    assert by_key["t1", "trial", "ρ=0.1 R50"]["lr"] == ""
+    assert by_key["t1", "trial", "Sparse ρ=0.1 R50"]["lr"] == ""
     assert [r["on_front"] for r in rows] == sorted((r["on_front"] for r in rows), reverse=True)
 
     back = pareto.read_csv(path)
@@ -324,10 +349,10 @@ def test_html_is_self_contained_escaped_and_marks_the_front(tmp_path):
 
     data, layout = _plotly_figure(page)
     assert layout["title"]["text"] == "Sweep &lt;A&amp;B&gt;"  # plotly shows the entities as characters
-    assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == ("GFLOPs", "AP")
+    assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == ("GFLOPs", "AP (%)")
     step = [t for t in data if t.get("line", {}).get("shape") == "hv"]
     assert len(step) == 1 and step[0]["mode"] == "lines"
-    front = sorted((p.gflops, p.AP) for p in pts if p.on_front)
+    front = sorted((p.gflops, 100.0 * p.AP) for p in pts if p.on_front)  # AP drawn in percent
     assert _xy(step[0]) == [*front, (177.3, front[-1][1])]  # the corners, then on to the costliest point
     # Every point with AP and GFLOPs is drawn once, with its escaped label and its hover fields.
     points = [t for t in data if "customdata" in t]
@@ -339,7 +364,7 @@ def test_html_is_self_contained_escaped_and_marks_the_front(tmp_path):
     for p in pts:
         if not p.plottable():
             continue
-        name, cd, sym, mode = drawn[html.escape(p.label, quote=False), (p.gflops, p.AP)]
+        name, cd, sym, mode = drawn[html.escape(p.label, quote=False), (p.gflops, 100.0 * p.AP)]
         assert cd[0] == html.escape(p.label, quote=False)
         assert cd[1] == (
             "on the Pareto front" if p.on_front else "dominated" if p.eligible else "not finished"
@@ -353,9 +378,9 @@ def test_html_is_self_contained_escaped_and_marks_the_front(tmp_path):
                 "Pareto front" if p.on_front else "dominated" if p.eligible else "error / stopped early"
             )
             assert name == expected and mode == "markers+text"
-    assert ('odd &lt;b&gt;"&amp;', (100.0, 0.3)) in drawn
-    deformable = drawn["deformable R50", (172.9, 0.46)][1]
-    assert deformable[2:9] == ["0.460", "172.9", "-", "39.8", "-", "resnet50", "r50_deformable_detr"]
+    assert ('odd &lt;b&gt;"&amp;', (100.0, 30.0)) in drawn
+    deformable = drawn["Deformable R50", (172.9, 46.0)][1]
+    assert deformable[2:9] == ["46.0", "172.9", "-", "39.8", "-", "resnet50", "r50_deformable_detr"]
     assert deformable[13] == "<br>epochs: 50<br>lr: 0.0002"
     assert all(t["hovertemplate"].count("customdata") == 14 for t in points)
     # Unfinished trials are hollow (transparent fill, grey edge).

@@ -111,8 +111,13 @@ def cmd_cost(args) -> int:
 
     names, hw = _check_args(args)
     results = []
-    for name in names:
+    where = f"the first {args.val} val images" if args.val else f"one {hw[0]}x{hw[1]} image"
+    for i, name in enumerate(names, start=1):
         start = time.perf_counter()
+        # A status line first: building a model, counting its FLOPs and timing it takes up to a minute.
+        steps = f"counting GFLOPs on {where}" + ("" if args.no_fps else ", then timing it")
+        count = f" ({i}/{len(names)})" if len(names) > 1 else ""
+        print(f"sdetr cost: {name}{count}: {steps} ...", file=sys.stderr, flush=True)
         cfg = get_preset(name, args.overrides)
         if args.data is not None:
             cfg.data.root = str(args.data)

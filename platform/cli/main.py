@@ -16,6 +16,7 @@ from sdetr.platform.cli.data import add_data_parser
 from sdetr.platform.cli.doctor import add_doctor_parser
 from sdetr.platform.cli.eval import add_eval_parser
 from sdetr.platform.cli.model import add_model_parser
+from sdetr.platform.cli.predict import add_predict_parser
 from sdetr.platform.cli.sweep import add_sweep_parsers
 from sdetr.platform.cli.train import add_train_parser
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cost_parser(sub)
     add_sweep_parsers(sub)
     add_eval_parser(sub)
+    add_predict_parser(sub)
     add_doctor_parser(sub)
     return parser
 

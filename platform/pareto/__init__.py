@@ -19,6 +19,7 @@ from sdetr.platform.pareto.front import (
     SOURCES,
     STATUSES,
     ParetoPoint,
+    family,
     label_for,
     mark_front,
     pareto_mask,
@@ -33,6 +34,7 @@ __all__ = [
     "SOURCES",
     "STATUSES",
     "ParetoPoint",
+    "family",
     "format_table",
     "label_for",
     "mark_front",
@@ -53,12 +55,14 @@ def write_all(
     title: str = "AP vs GFLOPs",
     objectives: Mapping[str, str] = OBJECTIVES,
     stem: str = "pareto",
+    xlabel: str = "GFLOPs",
 ) -> dict[str, Path]:
-    """Mark the front, then write ``{stem}.csv``, ``{stem}.png`` and ``{stem}.html`` into ``out_dir``."""
+    """Mark the front, then write ``{stem}.csv``, ``{stem}.png`` and ``{stem}.html`` into ``out_dir``
+    (``xlabel``: the GFLOPs axis, saying how they were counted)."""
     mark_front(points, objectives)
     out = Path(out_dir)
     return {
         "csv": write_csv(points, out / f"{stem}.csv"),
-        "png": plot_png(points, out / f"{stem}.png", title),
-        "html": write_html(points, out / f"{stem}.html", title),
+        "png": plot_png(points, out / f"{stem}.png", title, xlabel),
+        "html": write_html(points, out / f"{stem}.html", title, xlabel),
     }

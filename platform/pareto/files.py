@@ -23,11 +23,14 @@ CSV_COLUMNS = (
     "trial_id", "run_id",
 )  # fmt: skip
 # The columns of `cells`, right-aligned in the terminal table.
-NUMERIC_CELLS = ("AP", "GFLOPs", "FPS", "Params (M)", "ρ")
+NUMERIC_CELLS = ("AP", "AP50", "GFLOPs", "FPS", "Params (M)", "ρ")
+# The terminal table's columns: narrow enough for 100 columns (the label names the model, ρ and backbone).
+TABLE_COLUMNS = ("*", "label", "AP", "AP50", "GFLOPs", "FPS", "Params (M)", "status", "trial")
+TABLE_WIDTH = 100
 
 
 def ap_is_fraction(points: Sequence[ParetoPoint]) -> bool:
-    """COCOeval reports AP in [0, 1], papers in percent: pick the number of decimals accordingly."""
+    """COCOeval reports AP in [0, 1], papers in percent: tell which one the points hold."""
     aps = [p.AP for p in points if finite(p.AP)]
     return bool(aps) and all(0.0 <= a <= 1.0 for a in aps)
 
@@ -36,34 +39,46 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def ap_percent(value: Any, ap_fraction: bool) -> float | None:
+    """An AP value in percent (COCOeval's fractions times 100), None when missing."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    return 100.0 * number if ap_fraction else number
+
+
 def cells(p: ParetoPoint, ap_fraction: bool) -> dict[str, str]:
-    """The point's numbers as people read them (keys `NUMERIC_CELLS`), missing ones as ``-``: shared by
-    the terminal table and the HTML page (hover and table)."""
+    """The point's numbers as people read them (keys `NUMERIC_CELLS`), missing ones as ``-``: AP in percent
+    with one decimal, as the papers print it. Shared by the terminal table and the HTML page."""
     return {
-        "AP": _fmt(p.AP, ".3f" if ap_fraction else ".1f"),
-        "GFLOPs": _fmt(p.gflops, ".1f"),
+        "AP": _fmt(ap_percent(p.AP, ap_fraction), ".1f"),
+        "AP50": _fmt(ap_percent(p.extra.get("AP50"), ap_fraction), ".1f"),
+        "GFLOPs": _fmt(p.gflops, ".2f" if finite(p.gflops) and p.gflops < 10 else ".1f"),
         "FPS": _fmt(p.fps, ".1f"),
         "Params (M)": _fmt(None if p.params is None else p.params / 1e6, ".1f"),
         "ρ": _fmt(p.rho, "g") if p.rho else "-",
     }
 
 
-def format_table(points: list[ParetoPoint]) -> str:
-    """A terminal table: front members first (by GFLOPs), ``*`` marks them; then everything else."""
+def _status_text(p: ParetoPoint) -> str:
+    return p.status.replace("_", " ")
+
+
+def format_table(points: list[ParetoPoint], gflops_note: str = "") -> str:
+    """A terminal table of at most `TABLE_WIDTH` columns: front members first (by GFLOPs), ``*`` marks
+    them; then everything else. ``gflops_note`` says how GFLOPs were counted (printed below)."""
     if not points:
         return "Pareto front: no trials with results yet"
     ap_fraction = ap_is_fraction(points)
-    show_source = any(p.source != "trial" for p in points)
-    header = ["*", "label", *NUMERIC_CELLS, "backbone", "status"]
-    header += ["source"] if show_source else []
-    header += ["trial"]
+    header = list(TABLE_COLUMNS)
     rows = []
     for p in ordered(points):
         c = cells(p, ap_fraction)
-        row = ["*" if p.on_front else "", p.label, *(c[k] for k in NUMERIC_CELLS)]
-        row += [p.backbone or "-", p.status]
-        row += [p.source] if show_source else []
-        row += [p.trial_id or "-"]
+        row = ["*" if p.on_front else "", p.label, c["AP"], c["AP50"], c["GFLOPs"], c["FPS"], c["Params (M)"]]
+        row += [_status_text(p), p.trial_id or "-"]
         rows.append(row)
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
 
@@ -74,11 +89,28 @@ def format_table(points: list[ParetoPoint]) -> str:
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     n_front = sum(p.on_front for p in points)
     n_out = sum(not p.eligible for p in points)
-    note = f"{n_front} of {len(points)} points on the Pareto front"
-    note += " (*: no other finished point has AP >= and GFLOPs <= with one strictly better)"
+    notes = [
+        f"{n_front} of {len(points)} points on the Pareto front (*: no other finished point has AP >= and "
+        "GFLOPs <= with one strictly better)",
+        "AP, AP50: COCO box AP in % on the val split"
+        + ("" if ap_fraction or not any(finite(p.AP) for p in points) else " (as given)"),
+    ]
+    if gflops_note:
+        notes.append(f"GFLOPs: {gflops_note}")
+    if all(p.fps is None for p in points):
+        notes.append("FPS: not measured")
+    if any(p.source == "dynamic_rho" for p in points):
+        notes.append("(dyn): one trained Sparse DETR evaluated at another ρ (dynamic sparsification)")
     if n_out:
-        note += f"; {n_out} not finished (stopped early, error or running) do not compete"
-    return "\n".join(out + [note])
+        notes.append(f"{n_out} not finished (stopped early, error or running) do not compete")
+    return "\n".join(out + [_wrap(n) for n in notes])
+
+
+def _wrap(text: str, width: int = TABLE_WIDTH) -> str:
+    """One note, wrapped at word boundaries to ``width`` columns (continuation lines indented)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width=width, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def csv_value(value: Any) -> str:

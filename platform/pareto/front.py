@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sdetr.detector.errors import ConfigError, DataError
+from sdetr.detector.presets import LITE_LAYOUTS
 from sdetr.platform.layout import OBJECTIVES
 
 STATUSES = ("completed", "stopped_early", "error", "running")
@@ -76,11 +77,20 @@ def pareto_mask(
 
 _BACKBONE_SHORT = {"swin_t": "Swin-T", "swin_s": "Swin-S", "swin_b": "Swin-B"}
 # Official-style preset names, shortened for a plot label (longest first: they share prefixes).
-_PRESET_PREFIX = re.compile(r"^(r\d+|swint|swin_t|tiny)_")
+_PRESET_PREFIX = re.compile(r"^(r\d+|swint|swin_t|tiny|mini)_")
 _PRESET_PARTS = (
     ("_plus_iterative_bbox_refinement", "+refine"),
     ("_plus_plus_two_stage", "+two-stage"),
     ("_detr", ""),
+)
+# What a person calls each detector family (the paper's names), by the preset name without its prefix.
+_FAMILIES = (
+    ("deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage", "Deformable+refine+two-stage"),
+    ("deformable_detr_plus_iterative_bbox_refinement", "Deformable+refine"),
+    ("deformable_detr", "Deformable"),
+    ("efficient_detr", "Efficient"),
+    ("faster_rcnn_fpn", "Faster R-CNN"),
+    ("detr", "DETR"),
 )
 
 
@@ -101,15 +111,26 @@ def short_preset(preset: str) -> str:
     return name.replace("_", " ").strip()
 
 
-def label_for(rho: float | None, backbone: str, preset: str = "") -> str:
-    """``ρ=0.1 R50``, ``ρ=0.3 Swin-T``; dense models (rho None or 0) by their shortened preset name,
-    e.g. ``deformable R50`` (``dense R50`` without a preset)."""
-    bb = short_backbone(backbone)
+def family(preset: str, rho: float | None = None) -> str:
+    """The detector as the papers name it: ``Sparse ρ=0.1``, ``Deformable``, ``Lite H3L1-(3+1)x2``,
+    ``Efficient``; a sparsified model (ρ > 0) is Sparse whatever its preset; otherwise the shortened
+    preset name (``dense`` without one)."""
     if rho:
-        head = f"ρ={rho:g}"
-    else:
-        head = short_preset(preset) or "dense"
-    return f"{head} {bb}".strip()
+        return f"Sparse ρ={rho:g}"
+    name = _PRESET_PREFIX.sub("", preset)
+    lite = re.fullmatch(r"lite_detr_(\w+)", name)
+    if lite:
+        return f"Lite {LITE_LAYOUTS.get(lite.group(1), lite.group(1))}"
+    for key, text in _FAMILIES:
+        if name == key:
+            return text
+    return short_preset(preset) or "dense"
+
+
+def label_for(rho: float | None, backbone: str, preset: str = "") -> str:
+    """``Sparse ρ=0.1 R50``, ``Deformable R18``, ``Lite H3L1-(3+1)x2 Swin-T``: what the point is, then its
+    backbone."""
+    return f"{family(preset, rho)} {short_backbone(backbone)}".strip()
 
 
 @dataclass

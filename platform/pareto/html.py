@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from sdetr.platform.layout import write_text_atomic
-from sdetr.platform.pareto.files import ap_is_fraction, cells, csv_value
+from sdetr.platform.pareto.files import ap_is_fraction, ap_percent, cells, csv_value
 from sdetr.platform.pareto.front import ParetoPoint, dynamic_curves, front_steps, ordered
 from sdetr.platform.pareto.plot import (
     BLUE,
@@ -34,16 +34,16 @@ from sdetr.platform.pareto.plot import (
 
 PLOT_DIV_ID = "pareto-plot"
 # The hover box: one line per field; customdata holds the escaped, formatted values in this order.
-_HOVER_FIELDS = ("AP", "GFLOPs", "FPS", "Params (M)", "ρ", "backbone", "preset", "status", "source",
+_HOVER_FIELDS = ("AP (%)", "GFLOPs", "FPS", "Params (M)", "ρ", "backbone", "preset", "status", "source",
                  "trial", "MLflow run")  # fmt: skip
 _HOVER = (
     "<b>%{customdata[0]}</b><br>%{customdata[1]}<br>"
     + "<br>".join(f"{name}: %{{customdata[{i}]}}" for i, name in enumerate(_HOVER_FIELDS, start=2))
     + "%{customdata[13]}<extra></extra>"
 )
-_TABLE_COLUMNS = ("front", "label", "AP", "GFLOPs", "FPS", "Params (M)", "ρ", "backbone", "preset",
+_TABLE_COLUMNS = ("front", "label", "AP (%)", "GFLOPs", "FPS", "Params (M)", "ρ", "backbone", "preset",
                   "status", "source", "trial", "MLflow run")  # fmt: skip
-_TABLE_NUMERIC = {"front", "AP", "GFLOPs", "FPS", "Params (M)", "ρ"}
+_TABLE_NUMERIC = {"front", "AP (%)", "GFLOPs", "FPS", "Params (M)", "ρ"}
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -102,7 +102,7 @@ def _points_trace(points: Sequence[ParetoPoint], name: str, ap_fraction: bool, *
     styles = [point_style(p) for p in points]
     return go.Scatter(
         x=[p.gflops for p in points],
-        y=[p.AP for p in points],
+        y=[ap_percent(p.AP, ap_fraction) for p in points],
         name=name,
         text=[_esc(p.label) for p in points],
         textposition="top right",
@@ -121,7 +121,7 @@ def _points_trace(points: Sequence[ParetoPoint], name: str, ap_fraction: bool, *
     )
 
 
-def figure(points: Sequence[ParetoPoint], title: str = "AP vs GFLOPs") -> go.Figure:
+def figure(points: Sequence[ParetoPoint], title: str = "AP vs GFLOPs", xlabel: str = "GFLOPs") -> go.Figure:
     """The plotly figure: the front as a step line with its members, the dominated and the unfinished
     trials (hollow), and one line per dynamically sparsified checkpoint. Each group is a legend entry."""
     shown = [p for p in points if p.plottable()]
@@ -132,7 +132,7 @@ def figure(points: Sequence[ParetoPoint], title: str = "AP vs GFLOPs") -> go.Fig
         fig.add_trace(
             go.Scatter(
                 x=[p.gflops for p in steps] + [max(p.gflops for p in shown)],  # type: ignore[type-var]
-                y=[p.AP for p in steps] + [steps[-1].AP],
+                y=[ap_percent(p.AP, ap_fraction) for p in steps] + [ap_percent(steps[-1].AP, ap_fraction)],
                 mode="lines",
                 line={"shape": "hv", "color": BLUE, "width": 1.5},
                 opacity=0.8,
@@ -164,8 +164,8 @@ def figure(points: Sequence[ParetoPoint], title: str = "AP vs GFLOPs") -> go.Fig
         fig.add_annotation(text="no points with AP and GFLOPs", showarrow=False, xref="paper", yref="paper")
     fig.update_layout(
         title={"text": _esc(title)},
-        xaxis_title="GFLOPs",
-        yaxis_title="AP",
+        xaxis_title=_esc(xlabel),
+        yaxis_title="AP (%)",
         template="plotly_white",
         hovermode="closest",
         height=560,
@@ -203,7 +203,9 @@ def _table(points: Sequence[ParetoPoint]) -> str:
     )
 
 
-def write_html(points: Sequence[ParetoPoint], path: str | Path, title: str = "AP vs GFLOPs") -> Path:
+def write_html(
+    points: Sequence[ParetoPoint], path: str | Path, title: str = "AP vs GFLOPs", xlabel: str = "GFLOPs"
+) -> Path:
     """One self-contained page: the plotly figure (`figure`) with plotly.js inlined, and the table of the
     points below it. Without points, a short page saying so (no plotly.js)."""
     n_front = sum(p.on_front for p in points)
@@ -217,7 +219,7 @@ def write_html(points: Sequence[ParetoPoint], path: str | Path, title: str = "AP
     summary += f" {note}." if note else ""
     if points:
         plot = pio.to_html(
-            figure(points, title),
+            figure(points, title, xlabel),
             include_plotlyjs=True,  # inlined: the page must work offline and inside MLflow
             full_html=False,
             div_id=PLOT_DIV_ID,

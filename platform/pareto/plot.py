@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdetr.platform.pareto.files import ap_is_fraction, ap_percent
 from sdetr.platform.pareto.front import ParetoPoint, dynamic_curves, front_steps
 
 BLUE, LIGHT_BLUE, GREEN, LIGHT_GREEN, GREY = "#1f77b4", "#9ecae1", "#2ca02c", "#a1d99b", "#888888"
@@ -36,10 +37,13 @@ def not_shown_note(points: Sequence[ParetoPoint]) -> str:
     return f"{n} point{'s' if n != 1 else ''} without AP or GFLOPs not shown" if n else ""
 
 
-def plot_png(points: Sequence[ParetoPoint], path: str | Path, title: str = "AP vs GFLOPs") -> Path:
-    """AP against GFLOPs. Front members are filled and joined by a step line (below and right of it is
-    attainable); other finished points are light, unfinished ones hollow grey; dynamic-ρ points are
-    diamonds joined per checkpoint. Every point carries its label.
+def plot_png(
+    points: Sequence[ParetoPoint], path: str | Path, title: str = "AP vs GFLOPs", xlabel: str = "GFLOPs"
+) -> Path:
+    """AP (in %) against GFLOPs (``xlabel`` says how they were counted). Front members are filled and
+    joined by a step line (below and right of it is attainable); other finished points are light,
+    unfinished ones hollow grey; dynamic-ρ points are diamonds joined per checkpoint. Every point carries
+    its label.
 
     Uses matplotlib's Agg canvas directly, not pyplot: no global backend switch in the caller's process
     and no figure registry to leak from a long-running sweep driver.
@@ -53,13 +57,18 @@ def plot_png(points: Sequence[ParetoPoint], path: str | Path, title: str = "AP v
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     shown = [p for p in points if p.plottable()]
+    fraction = ap_is_fraction(points)
+
+    def ap(p: ParetoPoint) -> float:
+        return ap_percent(p.AP, fraction)  # type: ignore[return-value]
+
     handles = []
     for curve in dynamic_curves(shown).values():
-        ax.plot([p.gflops for p in curve], [p.AP for p in curve], color=GREEN, lw=0.8, alpha=0.6, zorder=1)
+        ax.plot([p.gflops for p in curve], [ap(p) for p in curve], color=GREEN, lw=0.8, alpha=0.6, zorder=1)
     steps = front_steps(shown)
     if steps:
         xs = [p.gflops for p in steps] + [max(p.gflops for p in shown)]  # type: ignore[type-var]
-        ys = [p.AP for p in steps] + [steps[-1].AP]
+        ys = [ap(p) for p in steps] + [ap(steps[-1])]
         ax.step(xs, ys, where="post", color=BLUE, lw=1.2, alpha=0.8, zorder=2)
         handles.append(
             Line2D([], [], color=BLUE, lw=1.2, marker="o", mfc=BLUE, mec="k", label="Pareto front")
@@ -68,8 +77,8 @@ def plot_png(points: Sequence[ParetoPoint], path: str | Path, title: str = "AP v
         fill, edge, kind = point_style(p)
         marker = "D" if p.source == "dynamic_rho" else "o"
         size = 46 if kind == "front" else 30
-        ax.scatter([p.gflops], [p.AP], s=size, marker=marker, facecolors=fill, edgecolors=edge, zorder=3)
-        ax.annotate(p.label, (p.gflops, p.AP), xytext=(4, 4), textcoords="offset points", fontsize=7,
+        ax.scatter([p.gflops], [ap(p)], s=size, marker=marker, facecolors=fill, edgecolors=edge, zorder=3)
+        ax.annotate(p.label, (p.gflops, ap(p)), xytext=(4, 4), textcoords="offset points", fontsize=7,
                     color="#333333" if kind != "out" else GREY)  # fmt: skip
     if any(p.eligible and not p.on_front for p in shown):
         handles.append(Line2D([], [], ls="", marker="o", mfc=LIGHT_BLUE, mec=BLUE, label="dominated"))
@@ -87,8 +96,8 @@ def plot_png(points: Sequence[ParetoPoint], path: str | Path, title: str = "AP v
     if handles:
         ax.legend(handles=handles, fontsize=8, loc="best")
     ax.margins(x=0.12, y=0.1)  # room for the labels right of the points
-    ax.set_xlabel("GFLOPs")
-    ax.set_ylabel("AP")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("AP (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

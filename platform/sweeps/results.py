@@ -35,6 +35,7 @@ from sdetr.platform.pareto import (
 )
 from sdetr.platform.storage import Location
 from sdetr.platform.sweeps.heartbeat import driver_state
+from sdetr.platform.sweeps.summary import DESCRIPTION_TAG, front_description, gflops_note, next_steps
 from sdetr.platform.uris import redact, usable_uri
 
 
@@ -156,19 +157,20 @@ def finalize(
     sweep = Location.of(sweep_dir)
     points = mark_front(collect_points(sweep, log))
     title = f"{sweep.name}: AP vs GFLOPs"
+    note = gflops_note([r["cost"] for r in trial_rows(sweep)])
     with tempfile.TemporaryDirectory(prefix="sdetr-pareto-") as tmp:
         # Written in place on a local sweep; on object storage drawn here and uploaded.
         out = sweep.local / PARETO_DIR if sweep.local is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         files = [
             write_csv(points, out / "pareto.csv"),
-            plot_png(points, out / "pareto.png", title=title),
-            write_html(points, out / "pareto.html", title=title),
+            plot_png(points, out / "pareto.png", title=title, xlabel=f"GFLOPs ({note})"),
+            write_html(points, out / "pareto.html", title=title, xlabel=f"GFLOPs ({note})"),
         ]
         if sweep.local is None:
             for f in files:
                 sweep.upload(f, f"{PARETO_DIR}/{f.name}")
-        log(format_table(points))
+        log(format_table(points, note))
         log(f"Pareto front: {', '.join(f'{sweep}/{PARETO_DIR}/{f.name}' for f in files)}")
         record = sweep.read_json(SWEEP_RECORD) or {}
         tracked = record.get("mlflow")
@@ -182,6 +184,16 @@ def finalize(
             tracked = {**tracked, "tracking_uri": uri} if uri else None
         if mlflow and tracked:
             _log_front(tracked, points, files)
+            tracking.set_tags(
+                tracking.client(tracked["tracking_uri"]),
+                tracked["run_id"],
+                {DESCRIPTION_TAG: front_description(sweep.name, points, note)},
+            )
+        tracked = tracked or {}
+        for line in next_steps(
+            sweep.name, f"{sweep}/{PARETO_DIR}", tracked.get("tracking_uri"), tracked.get("run_id")
+        ):
+            log(line)
     front = [p for p in points if p.on_front]
     return {"points": points, "front": front}
 
@@ -215,7 +227,7 @@ def status_table(sweep_dir: str | Path | Location) -> str:
         raise ConfigError(f"{sweep}: no sweep there (no {SWEEP_RECORD})")
     status, detail = driver_state(record)
     rows = trial_rows(sweep)
-    header = ("trial", "label", "epochs", "AP", "AP50", "GFLOPs", "state")
+    header = ("trial", "label", "epoch", "AP %", "AP50 %", "GFLOPs", "state")
     lines = [header]
     for r in rows:
         ap, ap50 = r["last"].get("AP"), r["last"].get("AP50")
@@ -227,9 +239,9 @@ def status_table(sweep_dir: str | Path | Location) -> str:
                 r["trial_id"],
                 r["label"],
                 f"{r['epochs_done']}/{r['epochs']}",
-                _fmt(ap),
-                _fmt(ap50),
-                _fmt(r["cost"].get("gflops"), 1),
+                _fmt(None if ap is None else 100 * ap, 1),
+                _fmt(None if ap50 is None else 100 * ap50, 1),
+                _fmt(r["cost"].get("gflops"), 2),
                 state,
             )
         )
@@ -239,7 +251,7 @@ def status_table(sweep_dir: str | Path | Location) -> str:
     state = f"{status} {detail}".rstrip()
     head = f"sweep {sweep.name}: {state}, {done}/{len(rows)} trials completed"
     if record.get("mlflow"):
-        head += f"; MLflow {redact(record['mlflow']['tracking_uri'])} parent run {record['mlflow']['run_id']}"
+        head += f"\nMLflow {redact(record['mlflow']['tracking_uri'])} parent run {record['mlflow']['run_id']}"
     if status == "stopped":
         head += f"\n`sdetr sweep resume {sweep.name}` continues it"
     return head + "\n" + (body if rows else "(no trial has started yet)")

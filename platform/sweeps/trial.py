@@ -8,7 +8,7 @@ GFLOPs together. The Train run is named after the trial id, so a restarted trial
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,13 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
-from sdetr.platform.layout import COST_FILE, TRIAL_RECORD, TRIALS_DIR, read_json, write_json
+from sdetr.detector.presets import get_preset, preset_names
+from sdetr.platform import tracking
+from sdetr.platform.layout import COST_FILE, RUN_RECORD, TRIAL_RECORD, TRIALS_DIR, read_json, write_json
 from sdetr.platform.pareto import label_for
 from sdetr.platform.storage import RunStorage
 from sdetr.platform.sweeps.spec import SweepSpec
+from sdetr.platform.sweeps.summary import gflops_text
 from sdetr.platform.training.driver import launch
 from sdetr.platform.training.report import TrainReport, read_history
 from sdetr.platform.training.run_plan import MlflowPlacement, resolve_plan
@@ -38,16 +41,22 @@ class SweepContext:
     ray_job_id: str = ""
 
 
-def epoch_report_callback(extra: dict[str, Any], epochs: int):
+def epoch_report_callback(extra: dict[str, Any], epochs: int, folder: Path | None = None, label: str = ""):
     """A Train callback, run in the Train controller, that forwards end-of-epoch reports to Tune.
 
     Mid-epoch checkpoint reports carry no AP: forwarding them would hand schedulers and searchers
     results without their metric. ``epochs_done`` counts across attempts (Tune's own
-    ``training_iteration`` restarts when a trial is resumed), so schedulers use it as their time.
+    ``training_iteration`` restarts when a trial is resumed), so schedulers use it as their time. The
+    first report also names the trial's MLflow run after ``label`` (the run exists by then).
     """
 
     class EpochReportCallback(TuneReportCallback):
+        named = False
+
         def after_report(self, run_context, metrics, checkpoint):
+            if folder is not None and label and not self.named:
+                name_mlflow_run(folder, label)
+                self.named = True
             report = TrainReport.from_ray(metrics[0])
             if not report.epoch_end:
                 return
@@ -58,24 +67,25 @@ def epoch_report_callback(extra: dict[str, Any], epochs: int):
     return EpochReportCallback()
 
 
-def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
-    """Parameters, GFLOPs (papers' convention) and speed of the trial's model, computed once per trial.
+def trial_cost(cfg, spec: SweepSpec, folder: Path, data: str) -> dict[str, Any]:
+    """Parameters and GFLOPs (papers' convention) of the trial's model, computed once per trial: at the
+    papers' fixed input (``gflops_fixed``) and, with ``cost: {input: val}``, as the mean over the first
+    val images at the resolution the trial is evaluated at (``gflops``, as the official full mode; else
+    ``gflops`` is the fixed-input figure). FPS only with ``cost: {fps: true}`` (None: not measured).
 
     Known before training starts, so a trial's cost is in MLflow and Tune from its first report.
     """
     cached = read_json(folder / COST_FILE)
-    if cached is not None:
+    if cached is not None and "gflops_fixed" in cached:
         return cached
-    res = cost_of_preset(
-        cfg,
-        input_hw=spec.cost_input or FIXED_INPUT_HW,
-        val_images=0 if spec.cost_input else spec.cost_val_images,
-        device="cuda" if spec.gpus_per_worker > 0 else "cpu",
-        fps=spec.cost_fps,
-    )
+    device = "cuda" if spec.gpus_per_worker > 0 else "cpu"
+    fixed_hw = spec.cost_input or FIXED_INPUT_HW
+    res = cost_of_preset(cfg, input_hw=fixed_hw, val_images=0, device=device, fps=spec.cost_fps)
     cost = {
         "gflops": res["gflops"],
         "gflops_all": res["gflops_all"],
+        "gflops_fixed": res["gflops"],
+        "fixed_input": res["input"],
         "params": res["params_paper"],
         "params_trainable": res["params_trainable"],
         "fps": res["fps_b1"],
@@ -84,8 +94,92 @@ def trial_cost(cfg, spec: SweepSpec, folder: Path) -> dict[str, Any]:
         "cost_input": res["input"],
         "cost_device": res["device"],
     }
+    if spec.cost_input is None:
+        val = val_gflops(cfg, data, spec.cost_val_images, device)
+        cost.update(val)
     write_json(folder / COST_FILE, cost)
     return cost
+
+
+def val_gflops(cfg, data: str, images: int, device: str = "cpu") -> dict[str, Any]:
+    """GFLOPs as the mean over the first ``images`` val images of ``data`` (shards or a COCO folder) after
+    the val transform, one unpadded image at a time: the resolution the trial is evaluated at."""
+    from sdetr.detector.build import build_model
+    from sdetr.detector.cost import FlopReport, count_flops
+    from sdetr.platform.evaluation.dynamic_rho import val_dataset
+
+    dataset = val_dataset(Path(data), cfg, images)
+    model = build_model(cfg.model).to(device).eval()
+    reports, sizes = [], []
+    for i in range(min(images, len(dataset))):
+        image = dataset[i][0]
+        sizes.append(tuple(image.shape[-2:]))
+        mask = torch.zeros((1, *image.shape[-2:]), dtype=torch.bool, device=device)
+        reports.append(count_flops(model, image[None].to(device), mask))
+    flops = FlopReport.mean(reports)
+    mean_hw = [sum(s[k] for s in sizes) / len(sizes) for k in (0, 1)]
+    return {
+        "gflops": flops.gflops,
+        "gflops_all": flops.gflops_all,
+        "cost_input": f"val[:{len(sizes)}]",
+        "mean_input_hw": mean_hw,
+    }
+
+
+def effective_preset(cfg) -> str:
+    """The name of the configuration a trial really is: its base preset when the searched values left the
+    model as the preset builds it, else the preset that builds this model (a sweep over ``model.rho``
+    from ``*_sparse_detr_rho_0.1`` trains ``*_sparse_detr_rho_0.5`` at ρ = 0.5), else the base preset with
+    the model fields that differ (``mini_deformable_detr (num_queries=100)``)."""
+    base = get_preset(cfg.preset)
+    if base.model == cfg.model:
+        return cfg.preset
+    family = cfg.preset.split("_", 1)[0] + "_"
+    for name in preset_names():
+        if name.startswith(family) and get_preset(name).model == cfg.model:
+            return name
+    changed = [
+        f"{f.name}={getattr(cfg.model, f.name)}"
+        for f in fields(cfg.model)
+        if getattr(cfg.model, f.name) != getattr(base.model, f.name)
+    ]
+    return f"{cfg.preset} ({', '.join(changed)})"
+
+
+def headline_metrics(cost: dict[str, Any], rho: float) -> dict[str, float]:
+    """The numbers a person looks for first, under short top-level MLflow names (the scatter chart's axes):
+    GFLOPs as the sweep counts them, at the papers' fixed input, parameters in millions, and ρ."""
+    out = {"GFLOPs": cost["gflops"], "GFLOPs_fixed": cost["gflops_fixed"], "params_M": cost["params"] / 1e6}
+    out["rho"] = float(rho or 0.0)
+    if cost.get("fps") is not None:
+        out["FPS"] = cost["fps"]
+    return out
+
+
+def name_mlflow_run(folder: Path, label: str) -> None:
+    """Name the trial's MLflow run after its label (the driver creates it named after the trial id).
+    Idempotent; a store that cannot be reached only costs the name."""
+    tracked = (read_json(folder / RUN_RECORD) or {}).get("mlflow") or {}
+    if not tracked.get("run_id"):
+        return
+    try:
+        client = tracking.client(tracked["tracking_uri"])
+        tracking.set_tags(client, tracked["run_id"], {"mlflow.runName": label})
+    except Exception as exc:  # noqa: BLE001 - naming is cosmetic; training must go on
+        print(f"warning: could not name MLflow run {tracked['run_id']} {label!r}: {exc}")
+
+
+def trial_description(label: str, cfg, cost: dict[str, Any]) -> str:
+    """The MLflow run's description (Markdown): what the trial is and where its pictures are."""
+    fps = f"{cost['fps']:.1f}" if cost.get("fps") is not None else "not measured"
+    return (
+        f"**{label}** (`{cfg.preset}`), {cfg.optim.epochs} epochs.\n\n"
+        f"GFLOPs {cost['gflops']:.2f} ({gflops_text(cost)}); {cost['gflops_fixed']:.1f} on one "
+        f"{cost['fixed_input']} image; {cost['params'] / 1e6:.1f} M parameters; FPS {fps}.\n\n"
+        "Metrics: `AP_percent` / `AP50_percent` (COCO box AP in %, per epoch, step = epoch from 1), "
+        "`GFLOPs`, `params_M`, `rho`; artifacts `pictures/` (predicted boxes and, for Sparse DETR, the "
+        "scoring network's scores, the kept tokens and the DAM target of a few val images)."
+    )
 
 
 def trial_main(params: dict[str, Any], context: SweepContext) -> None:
@@ -96,7 +190,8 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
     cfg = spec.trial_config(params)
     cfg.data.root = context.data
     folder = Path(context.sweep_dir) / TRIALS_DIR / trial_id
-    cost = trial_cost(cfg, spec, folder)
+    cfg.preset = effective_preset(cfg)
+    cost = trial_cost(cfg, spec, folder, context.data)
     label = label_for(cfg.model.rho, cfg.model.backbone, cfg.preset)
     numbers = {k: v for k, v in cost.items() if isinstance(v, (int, float))}
     extra = {**numbers, "trial_label": label}
@@ -109,6 +204,7 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         "rho": cfg.model.rho,
         "epochs": cfg.optim.epochs,
         "cost": cost,
+        "gflops_text": gflops_text(cost),
     }
     write_json(folder / TRIAL_RECORD, record)
 
@@ -130,9 +226,11 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
             "sdetr.trial_id": trial_id,
             "sdetr.label": label,
             "sdetr.ray_job_id": context.ray_job_id,
+            "sdetr.gflops_counted_on": gflops_text(cost),
+            "mlflow.note.content": trial_description(label, cfg, cost),
         },
         params={f"sweep.{k}": v for k, v in params.items()},
-        metrics={f"cost/{k}": v for k, v in numbers.items()},
+        metrics={**headline_metrics(cost, cfg.model.rho), **{f"cost/{k}": v for k, v in numbers.items()}},
     )
     storage = RunStorage(str(Path(context.sweep_dir) / TRIALS_DIR), trial_id)
     plan = resolve_plan(
@@ -144,6 +242,6 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         spec.gpus_per_worker,
         mlflow,
         max_failures=spec.max_failures,
-        callbacks=[epoch_report_callback(extra, cfg.optim.epochs)],
+        callbacks=[epoch_report_callback(extra, cfg.optim.epochs, folder, label)],
     )
     launch(plan)

@@ -33,7 +33,9 @@ from sdetr.platform.shards.reader import iter_epoch
 from sdetr.platform.training.checkpointing import record_event, rng_state, seed_everything
 from sdetr.platform.training.engine import evaluate, train_one_epoch
 from sdetr.platform.training.optim import build_optimizer
+from sdetr.platform.training.pictures import PICTURES_DIR, epoch_dir_name, val_pictures
 from sdetr.platform.training.report import (
+    COCO_METRICS,
     TrainReport,
     epoch_record,
     format_record,
@@ -77,6 +79,8 @@ def train_func(config: dict[str, Any]) -> None:
         record = train_epoch(setup, modules, progress, logger, shards["train"])
         if is_eval_epoch(setup.cfg, progress.epoch):
             record.update(evaluate_epoch(setup, modules, shards["val"], coco_gt, progress.epoch))
+            if setup.rank == 0:
+                log_pictures(setup, modules, coco_gt, progress.epoch, logger)
         finish_epoch(setup, modules, progress, logger, record)
 
 
@@ -201,7 +205,9 @@ def finish_epoch(
     progress.epoch_sums = {}
     progress.batches_done = setup.steps_per_epoch
     if logger is not None:
-        metrics = {EPOCH_MARKER: progress.epoch, **mlflow_epoch_metrics(record)}
+        # The step stays the 0-based epoch (resume floors and older runs count that way); the `epoch`
+        # value is the epochs done, counted from 1, as a person reads it.
+        metrics = {EPOCH_MARKER: progress.epoch + 1, **mlflow_epoch_metrics(record), **percent_twins(record)}
         if logger.log(metrics, progress.epoch, marker=EPOCH_MARKER):
             logger.flush()
     if setup.rank == 0:
@@ -211,6 +217,29 @@ def finish_epoch(
         # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun).
         write_history(setup.run_dir, setup.cfg.optim.epochs, progress.history)
     progress.epoch, progress.batches_done = progress.epoch + 1, 0
+
+
+def percent_twins(record: dict[str, float]) -> dict[str, float]:
+    """COCO AP in percent under top-level names (``AP_percent``, ``AP50_percent``, ...): what a person reads
+    in the MLflow UI and charts, next to the fractions in ``val/AP*`` that COCOeval reports."""
+    return {f"{k}_percent": 100.0 * record[k] for k in COCO_METRICS if record.get(k) is not None}
+
+
+def log_pictures(setup: WorkerSetup, modules: Modules, coco_gt, epoch: int, logger) -> None:
+    """After evaluating ``epoch``: pictures of a few fixed val images (boxes; for Sparse DETR the scoring
+    network's scores, the kept tokens and the DAM target) into ``<run>/pictures/epoch_NNN/`` and the
+    MLflow run. A picture that fails is a warning: it must never stop training."""
+    if setup.run_dir is None:
+        return
+    folder = setup.run_dir / PICTURES_DIR / epoch_dir_name(epoch)
+    names = {int(c["id"]): str(c["name"]) for c in coco_gt.cats.values()} if coco_gt is not None else None
+    try:
+        val_pictures(modules.core, setup.data, setup.cfg, folder, setup.device, names)
+        if logger is not None:
+            client = tracking.client(logger.tracking_uri)
+            client.log_artifacts(logger.run_id, str(folder), artifact_path=f"{PICTURES_DIR}/{folder.name}")
+    except Exception as exc:  # noqa: BLE001 - pictures are for people; the run goes on without them
+        print(f"warning: pictures of epoch {epoch + 1} not written: {type(exc).__name__}: {exc}")
 
 
 def save_and_report(
