@@ -151,16 +151,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     ops.build()
-    print(
-        f"kda benchmark ({time.strftime('%Y-%m-%d %H:%M')}), torch {torch.__version__}, {threads} threads, fp32"
-    )
-    print(
-        f"value [1, {TOKENS}, {HEADS}, {CHANNELS}], {POINTS} points; median of {args.repeats} interleaved runs"
-    )
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    print(f"kda benchmark ({stamp}), torch {torch.__version__}, {threads} threads, fp32")
+    shape = f"value [1, {TOKENS}, {HEADS}, {CHANNELS}], {POINTS} points"
+    print(f"{shape}; median of {args.repeats} interleaved runs")
     print()
-    print(
-        "| queries | keys | pass | pytorch ms | compiled ms | speed-up | pytorch peak MiB | compiled peak MiB |"
-    )
+    print("| queries | keys | pass | pytorch ms | compiled ms | speed-up | pytorch MiB | compiled MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     worst = float("inf")
     for qname, lq in QUERIES.items():
@@ -176,9 +172,10 @@ def main(argv=None) -> int:
                 speedup = med["pytorch"] / med["compiled"]
                 if backward:
                     worst = min(worst, speedup)
+                keys = "own" if separate_key else "values"
+                pass_ = "fwd+bwd" if backward else "forward"
                 print(
-                    f"| {lq:,} ({qname}) | {'own' if separate_key else 'values'} | "
-                    f"{'fwd+bwd' if backward else 'forward'} | {med['pytorch']:.1f} | {med['compiled']:.1f} | "
+                    f"| {lq:,} ({qname}) | {keys} | {pass_} | {med['pytorch']:.1f} | {med['compiled']:.1f} | "
                     f"{speedup:.1f}x | {mib(mem['pytorch'])} | {mib(mem['compiled'])} |",
                     flush=True,
                 )
