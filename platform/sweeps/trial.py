@@ -191,6 +191,8 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
     cfg.data.root = context.data
     folder = Path(context.sweep_dir) / TRIALS_DIR / trial_id
     cfg.preset = effective_preset(cfg)
+    # A status line: counting the model's FLOPs takes seconds to a minute before Ray Train starts.
+    print(f"{trial_id} ({cfg.preset}): counting GFLOPs before training ...", flush=True)
     cost = trial_cost(cfg, spec, folder, context.data)
     label = label_for(cfg.model.rho, cfg.model.backbone, cfg.preset)
     numbers = {k: v for k, v in cost.items() if isinstance(v, (int, float))}
