@@ -173,6 +173,13 @@ class Location:
         Path(local_file).write_bytes(data)
         return Path(local_file)
 
+    def upload_tree(self, local_dir: str | Path, rel: str = "") -> int:
+        """Copy every file under ``local_dir`` to ``rel`` here; returns how many."""
+        files = [f for f in sorted(Path(local_dir).rglob("*")) if f.is_file()]
+        for f in files:
+            self.upload(f, "/".join(p for p in (rel, f.relative_to(local_dir).as_posix()) if p))
+        return len(files)
+
     def open_input(self, rel: str) -> io.RawIOBase:
         return self.fs.open_input_file(self._p(rel))
 

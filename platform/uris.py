@@ -56,11 +56,23 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
 def _probe_server(uri: str, timeout: float) -> None:
     import base64
+    import socket
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     m = _USERINFO.match(uri)
     url = uri[: m.start(2)] + uri[m.end() :] if m else uri
+    where = f"MLflow tracking server {redact(uri)}"
+    # Reachability in `timeout` seconds; a busy server then gets longer to answer the probe itself.
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{where}: cannot be reached ({exc}); start it, or fix --mlflow-uri / $MLFLOW_TRACKING_URI"
+        ) from None
     headers = {}
     user, _, password = (m.group(2) if m else "").partition(":")
     if not user and os.environ.get("MLFLOW_TRACKING_USERNAME"):
@@ -72,9 +84,8 @@ def _probe_server(uri: str, timeout: float) -> None:
         headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
     # Any MLflow server answers this (the /health route is optional behind proxies).
     probe = f"{url.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
-    where = f"MLflow tracking server {redact(uri)}"
     try:
-        with urllib.request.urlopen(urllib.request.Request(probe, headers=headers), timeout=timeout):
+        with urllib.request.urlopen(urllib.request.Request(probe, headers=headers), timeout=6 * timeout):
             return
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -85,7 +96,7 @@ def _probe_server(uri: str, timeout: float) -> None:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(
-            f"{where}: cannot be reached ({reason}); start it, or fix --mlflow-uri / $MLFLOW_TRACKING_URI"
+            f"{where}: does not answer ({reason}); is it an MLflow server? Fix --mlflow-uri or the server"
         ) from None
 
 

@@ -37,7 +37,9 @@ def add_shard_parser(subparsers) -> argparse.ArgumentParser:
         description="a COCO-layout data set -> Parquet shards for Ray Data (re-running resumes)",
     )
     p.add_argument("--coco", required=True, type=Path, help="data root in the COCO 2017 layout")
-    p.add_argument("--out", required=True, type=Path, help="shard folder to write (re-running resumes)")
+    p.add_argument(
+        "--out", required=True, help="shard folder to write (re-running resumes), or a storage URI (s3://...)"
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="images per Parquet file (default 1000)")
     p.add_argument("--splits", default="train,val", help="comma-separated splits (default train,val)")
     p.add_argument("--overwrite", action="store_true", help="replace shards made from another source/size")
@@ -48,15 +50,21 @@ def add_shard_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_shard(args) -> int:
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
-    from sdetr.platform.shards.writer import shard_coco
+    import tempfile
 
-    summary = shard_coco(
-        args.coco,
-        args.out,
-        shard_size=args.shard_size,
-        splits=splits,
-        progress=args.progress,
-        overwrite=args.overwrite,
+    from sdetr.platform.shards.writer import shard_coco
+    from sdetr.platform.storage import Location, is_uri
+
+    options = dict(
+        shard_size=args.shard_size, splits=splits, progress=args.progress, overwrite=args.overwrite
     )
+    if not is_uri(args.out):
+        summary = shard_coco(args.coco, Path(args.out), **options)
+    else:  # object storage: shard here, then upload (refused before any work if the store is unreachable)
+        target = Location(args.out).check()
+        with tempfile.TemporaryDirectory(prefix="sdetr-shards-") as tmp:
+            summary = shard_coco(args.coco, Path(tmp) / "shards", **options)
+            summary["uploaded_files"] = target.upload_tree(Path(tmp) / "shards")
+        summary["out_dir"] = str(target)
     print(json.dumps(summary, indent=2))
     return 0
