@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sdetr.detector.config import amp_dtype
 from sdetr.detector.errors import SdetrError
 from sdetr.detector.evaluation.coco_eval import evaluate_detections, results_to_detections
 
@@ -39,10 +40,9 @@ def to_device(images, masks, targets, device):
 
 
 def autocast(device: torch.device, amp: str):
-    if amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast("cuda", dtype=dtype)
+    """``train.amp`` as an autocast context: bf16 on CPU or GPU, fp16 on a GPU (a ConfigError on CPU)."""
+    dtype = amp_dtype(amp, device.type)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class NonFiniteLoss(SdetrError):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from sdetr.detector.config import Config
+from sdetr.detector.config import Config, amp_dtype
 from sdetr.detector.errors import ConfigError, DataError
 from sdetr.platform import tracking
 from sdetr.platform.layout import (
@@ -174,6 +174,8 @@ def check_device(cfg: Config, gpus_per_worker: float) -> None:
         raise ConfigError("train.device=cpu contradicts --gpus-per-worker; drop one of them")
     if gpus_per_worker == 0 and cfg.train.device.startswith("cuda"):
         raise ConfigError(f"train.device={cfg.train.device} needs --gpus-per-worker 1 (or more)")
+    # fp16 on CPU (or an unknown mode) is refused before Ray starts.
+    amp_dtype(cfg.train.amp, "cuda" if gpus_per_worker > 0 else "cpu")
 
 
 def check_categories(data_path: str, num_classes: int, where: str | None = None) -> None:
