@@ -4,6 +4,7 @@ loses nothing (metrics kept and sent when it is back)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -22,16 +23,16 @@ pytestmark = pytest.mark.slow
 def servers(tmp_path_factory):
     saved = dict(os.environ)
     folder = tmp_path_factory.mktemp("servers")
-    s3, _ = start_s3(folder, {})
-    database, stop_pg = start_postgres()
-    mlflow, uri = start_mlflow(folder, database, f"s3://{BUCKET}/mlartifacts")
-    state = {"folder": folder, "database": database, "uri": uri, "mlflow": mlflow}
-    yield state
-    stop(state["mlflow"])
-    stop_pg()
-    stop(s3)
-    os.environ.clear()
-    os.environ.update(saved)
+    with contextlib.ExitStack() as cleanup:  # whatever started is stopped, also when a later start fails
+        cleanup.callback(lambda: (os.environ.clear(), os.environ.update(saved)))
+        s3, _ = start_s3(folder, {})
+        cleanup.callback(stop, s3)
+        database, stop_pg = start_postgres()
+        cleanup.callback(stop_pg)
+        mlflow, uri = start_mlflow(folder, database, f"s3://{BUCKET}/mlartifacts")
+        state = {"folder": folder, "database": database, "uri": uri, "mlflow": mlflow}
+        cleanup.callback(lambda: stop(state["mlflow"]))  # the test restarts it
+        yield state
 
 
 def test_uris_are_checked_in_seconds(servers):
