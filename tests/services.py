@@ -70,7 +70,11 @@ def start_s3(folder: Path, monkeypatch_env: dict) -> tuple[subprocess.Popen, str
     with open(folder / "moto.log", "w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
-    wait_http(endpoint, 60, proc)
+    try:
+        wait_http(endpoint, 120, proc)
+    except BaseException:
+        stop(proc)
+        raise
     env = {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}
     monkeypatch_env.update(env)
     os.environ.update(env)
@@ -122,5 +126,9 @@ def start_mlflow(folder: Path, backend: str, artifacts: str, port: int | None = 
             stderr=log,
         )
     uri = f"http://127.0.0.1:{port}"
-    wait_http(f"{uri}/health", 240, proc)
+    try:
+        wait_http(f"{uri}/health", 420, proc)  # ~20 s on an idle 2-core machine, minutes under load
+    except BaseException:
+        stop(proc)
+        raise
     return proc, uri
