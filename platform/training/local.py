@@ -28,7 +28,7 @@ from sdetr.platform.layout import (
     single_process_checkpoint_name,
     write_text_atomic,
 )
-from sdetr.platform.shards.writer import read_image_file
+from sdetr.platform.shards.source import read_image_file
 from sdetr.platform.training.checkpointing import (
     check_schedule,
     config_differences,
