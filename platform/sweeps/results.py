@@ -124,7 +124,7 @@ def collect_points(sweep_dir: str | Path | Location, log=print) -> list:
                     params=cost.get("params"),  # the same model; only the kept tokens differ
                     status="completed",
                     source="dynamic_rho",
-                    extra={"trained_rho": row["rho"]},
+                    extra={"trained_rho": row["rho"], "AP50": p.get("AP50")},
                 )
             )
     return points
