@@ -140,7 +140,7 @@ def test_errors_before_any_worker_starts(data, tmp_path, capsys):
     with pytest.raises(ConfigError, match=f"--workers {cpus + 1}.*{cpus} CPUs"):
         run(tiny_config(shards), DistributedOptions(workers=cpus + 1, storage=str(tmp_path / "runs")))
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="needs 2 GPUs.*has 0"):
+        with pytest.raises(ConfigError, match="--gpus-per-worker 1: 2 workers x 1 GPUs = 2 GPUs.*has 0"):
             run(tiny_config(shards), options(tmp_path / "runs", "g", gpus_per_worker=1))
     with pytest.raises(ConfigError, match="Ray Data"):
         run(tiny_config(shards), options(tmp_path / "runs", "c", cpus_per_worker=cpus / 2))
