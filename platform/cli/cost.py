@@ -111,6 +111,7 @@ def cmd_cost(args) -> int:
 
     names, hw = _check_args(args)
     results = []
+    shares: dict = {}  # Deformable DETR's encoder GFLOPs per (width, levels, points): counted once
     where = f"the first {args.val} val images" if args.val else f"one {hw[0]}x{hw[1]} image"
     for i, name in enumerate(names, start=1):
         start = time.perf_counter()
@@ -124,6 +125,8 @@ def cmd_cost(args) -> int:
         res = cost_of_preset(
             cfg, input_hw=hw, val_images=args.val or 0, device=args.device, fps=not args.no_fps
         )
+        if args.table and args.val is None:
+            res["encoder_share"] = _encoder_share(cfg, res, hw, shares)
         results.append(res)
         if args.json:
             print(json.dumps(res), flush=True)
@@ -134,6 +137,20 @@ def cmd_cost(args) -> int:
     if args.table and not args.json:
         print(format_table(results))
     return 0
+
+
+def _encoder_share(cfg, res: dict, hw: tuple[int, int], cache: dict) -> float | None:
+    """The encoder's GFLOPs as a share of the dense 6-layer Deformable DETR encoder of the same width,
+    levels and points at the same input (Lite DETR's measure, Table 3)."""
+    from sdetr.detector.encoder_cost import encoder_flops, reference_config
+
+    if res.get("gflops_encoder") is None or cfg.model.arch != "deformable_detr":
+        return None
+    reference = reference_config(cfg.model)
+    key = (reference.hidden_dim, reference.num_feature_levels, reference.enc_n_points, reference.nheads)
+    if key not in cache:
+        cache[key] = encoder_flops(reference, hw) / 1e9
+    return res["gflops_encoder"] / cache[key]
 
 
 def _input_text(res: dict) -> str:
@@ -177,6 +194,7 @@ def format_table(results: list[dict]) -> str:
     gpu = any(r["fps_b4"] is not None for r in results)
     cpu_latency = not gpu and any(r["latency_ms"] is not None for r in results)
     header = ["Preset", "ρ", "Params (M)", "GFLOPs", "GFLOPs w/o enc aux", "GFLOPs (all)", "Encoder GFLOPs"]
+    header += ["Encoder share"]
     header += ["FPS", "B4FPS"] if gpu else ["Latency b1 (ms)"] if cpu_latency else []
     rows = []
     for r in results:
@@ -188,6 +206,7 @@ def format_table(results: list[dict]) -> str:
             f"{r['gflops_without_enc_aux_heads']:.1f}",
             f"{r['gflops_all']:.1f}",
             f"{r['gflops_encoder']:.1f}" if r.get("gflops_encoder") is not None else "-",
+            f"{100 * r['encoder_share']:.0f} %" if r.get("encoder_share") is not None else "-",
         ]
         if gpu:
             row += [f"{r['fps_b1']:.1f}", f"{r['fps_b4']:.1f}"]
@@ -207,7 +226,8 @@ def format_table(results: list[dict]) -> str:
         "Params: trainable, without Sparse DETR's encoder aux heads (the papers' count). GFLOPs: papers' "
         "convention (fvcore's), everything the eval forward runs; w/o enc aux: less the encoder aux heads "
         "(training-only); GFLOPs (all): multiply and add counted separately; Encoder GFLOPs: the "
-        "transformer encoder alone (Lite DETR's comparison), - for Faster R-CNN."
+        "transformer encoder alone (Lite DETR's comparison), - for Faster R-CNN; Encoder share: of the dense "
+        "6-layer Deformable DETR encoder of the same width at the same input (Lite DETR's Table 3)."
     )
     table = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
     return "\n".join(notes + [""] + table)
