@@ -84,9 +84,9 @@ def kda(
 ) -> tuple[Tensor, Tensor]:
     """Dispatch to the compiled op when it is available, else to the PyTorch reference (same shapes as
     `key_aware_deform_attn`)."""
-    from sdetr.detector.ops import kda as kda_ops  # the op's module loads (and may build) the library
+    from sdetr.detector import ops  # the op's package loads (and may build) the library
 
-    if kda_ops.use_kda_op(value):
+    if ops.use_compiled_kda(value):
         out, weights = torch.ops.sdetr.kda(
             query, value, key, spatial_shapes, level_start_index, sampling_locations
         )

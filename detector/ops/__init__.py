@@ -33,7 +33,7 @@ Environment:
 
 from __future__ import annotations
 
-from sdetr.detector.ops.backend import BACKEND_ENV, backend_status, build, use_compiled
+from sdetr.detector.ops.backend import BACKEND_ENV, backend_status, build, use_compiled, use_compiled_kda
 from sdetr.detector.ops.build import compiler_version, find_cuda_home, load
 from sdetr.detector.ops.flops import ms_deform_attn_flop_counter_flops, ms_deform_attn_flops
 
@@ -47,4 +47,5 @@ __all__ = [
     "ms_deform_attn_flop_counter_flops",
     "ms_deform_attn_flops",
     "use_compiled",
+    "use_compiled_kda",
 ]

@@ -13,6 +13,8 @@ from torch import Tensor
 from sdetr.detector.ops import build as _build
 from sdetr.detector.ops.build import FIX_DOCTOR, cpu_isa, openmp_available, plan
 from sdetr.detector.ops.cuda_impl import cuda_impl
+from sdetr.detector.ops.kda import kda_op_loaded
+from sdetr.detector.ops.triton_util import triton_available
 
 BACKEND_ENV = "SDETR_MSDA_BACKEND"
 _MODES = ("auto", "compiled", "pytorch")
@@ -144,3 +146,22 @@ def backend_status(load: bool = True) -> dict:
         status["reason"] += "; no CUDA kernels: Triton is not installed"
         status["fix"] = "install triton (it comes with torch's CUDA wheels)"
     return status
+
+
+def use_compiled_kda(value: Tensor) -> bool:
+    """Whether `sdetr.detector.layers.kda.kda` should call ``torch.ops.sdetr.kda`` for ``value``'s device.
+
+    Follows ``SDETR_MSDA_BACKEND`` as the deformable-attention op does (``pytorch`` -> never; ``auto`` -> when
+    the library is loaded, after one warning otherwise; ``compiled`` -> or raise). CPU: the C++ kernels;
+    CUDA: the Triton kernel (needs triton).
+    """
+    if value.device.type == "cuda":
+        # The library (for the schema) must be loaded; the kernel is Triton, not the C++ CUDA build.
+        if not use_compiled(torch.empty(0)) or not kda_op_loaded():
+            return False
+        if not triton_available():
+            if _mode() == "compiled":
+                raise RuntimeError("SDETR_MSDA_BACKEND=compiled, but the KDA GPU kernel needs triton")
+            return False
+        return True
+    return value.device.type == "cpu" and use_compiled(value) and kda_op_loaded()

@@ -1,6 +1,6 @@
 """What torch needs around the compiled key-aware deformable attention op (``csrc/kda.cpp``): autograd, the
 fake (meta) implementations, FLOP formulas, the GPU implementation (a Triton kernel, registered for the CUDA
-dispatch key), and the per-call choice between the op and the pure-PyTorch reference (`use_kda_op`).
+dispatch key). The per-call choice between the op and the pure-PyTorch reference: `backend.use_compiled_kda`.
 
 The C++ library names this module (``set_python_module``): torch imports it when it needs the fake
 implementation of an op that was loaded without it.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 
 import torch
-from torch import Tensor
 
 _lock = threading.Lock()
 _registered = False
@@ -23,35 +22,6 @@ def kda_op_loaded() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401  (optional: only the GPU path needs it)
-    except ImportError:
-        return False
-    return True
-
-
-def use_kda_op(value: Tensor) -> bool:
-    """Whether `sdetr.detector.layers.kda.kda` should call ``torch.ops.sdetr.kda`` for ``value``'s device.
-
-    Follows ``SDETR_MSDA_BACKEND`` as the deformable-attention op does (``pytorch`` -> never; ``auto`` -> when
-    the library is loaded, after one warning otherwise; ``compiled`` -> or raise). CPU: the C++ kernels;
-    CUDA: the Triton kernel (needs triton).
-    """
-    from sdetr.detector import ops
-
-    if value.device.type == "cuda":
-        # The library (for the schema) must be loaded; the kernel is Triton, not the C++ CUDA build.
-        if not ops.use_compiled(torch.empty(0)) or not kda_op_loaded():
-            return False
-        if not triton_available():
-            if ops.backend_status(load=False)["mode"] == "compiled":
-                raise RuntimeError("SDETR_MSDA_BACKEND=compiled, but the KDA GPU kernel needs triton")
-            return False
-        return True
-    return value.device.type == "cpu" and ops.use_compiled(value) and kda_op_loaded()
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
