@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from sdetr.detector.errors import ConfigError
+from sdetr.platform.cli.common import add_set_argument
 
 _HW = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 # The backbone plus the extra stride-64 level need at least this many pixels per side.
@@ -49,14 +50,7 @@ def add_cost_parser(subparsers) -> argparse.ArgumentParser:
         help="GFLOPs averaged over the first N val images (after the val transform)",
     )
     p.add_argument("--data", type=Path, help="data root in the COCO 2017 layout, for --val (sets data.root)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set model.rho=0.2 (repeatable)",
-    )
+    add_set_argument(p)
     p.add_argument("--json", action="store_true", help="one JSON object per preset on stdout")
     p.add_argument(
         "--table", action="store_true", help="a paper-style table (all presets unless some are named)"
