@@ -20,7 +20,9 @@ from sdetr.platform import tracking
 from .services import free_port, wait_http
 from .test_sweep import sweep_yaml
 
-pytestmark = pytest.mark.slow
+# `ray start` clusters are machine-wide: other tests' ray.init() would join this one, and `ray stop`
+# ends theirs, so this file runs on its own (README: the second pytest command).
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
 BIN = Path(sys.executable).parent
 
 
