@@ -138,7 +138,9 @@ def test_resources_the_cluster_cannot_give(tmp_path):
     ):
         plan_trials(spec, {"CPU": 2.0, "GPU": 0.0})
     gpu = load_sweep(write(tmp_path, BASE.replace("cpus_per_worker: 0.5}", "gpus_per_worker: 1}"), "g.yaml"))
-    with pytest.raises(ConfigError, match="resources: a trial needs 1 workers x 1 GPUs = 1 GPUs, but the Ray cluster has 0"):
+    with pytest.raises(
+        ConfigError, match="resources: a trial needs 1 workers x 1 GPUs = 1 GPUs, but the Ray cluster has 0"
+    ):
         plan_trials(gpu, {"CPU": 16.0, "GPU": 0.0})
 
 
