@@ -92,7 +92,8 @@ def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
 def test_moasha_from_a_sweep_file_keeps_the_ends_of_the_front(ray_local, tmp_path):
     """``scheduler: {type: moasha}``: every stand-in trial is on the AP-GFLOPs front (AP and GFLOPs both
     grow with ρ), so MOASHA keeps the cheapest and the most accurate trial (infinite crowding distance)
-    and stops some in between; its decisions are recorded in the sweep folder."""
+    and stops trials in between that meet them at a rung (the ends come first in the grid, so they are
+    there when the others arrive); its decisions are recorded in the sweep folder."""
     from sdetr.platform.layout import MOASHA_FILE
     from sdetr.platform.sweeps.moasha import read_record
 
@@ -101,7 +102,7 @@ def test_moasha_from_a_sweep_file_keeps_the_ends_of_the_front(ray_local, tmp_pat
         """\
         preset: tiny_sparse_detr_rho_0.1
         space:
-          model.rho: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+          model.rho: [0.1, 0.8, 0.5, 0.3, 0.6, 0.2, 0.7, 0.4]
         scheduler: {type: moasha, grace_period: 1, reduction_factor: 2}
         epochs: 4
         """,
