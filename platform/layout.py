@@ -68,10 +68,6 @@ OBJECTIVES = {"AP": "max", "gflops": "min"}
 TIME_ATTR = "epochs_done"  # what sweep schedulers count: epochs trained, across a trial's attempts
 
 
-def sweep_dir_of(storage: str | Path | None, name: str) -> Path:
-    return Path(storage or DEFAULT_STORAGE).expanduser().resolve() / name
-
-
 # -- JSON and atomic writes ----------------------------------------------------------------------
 TMP_MARK = ".tmp-"  # temporary files are ".<final name>.tmp-<pid>": a killed writer's are found and removed
 
