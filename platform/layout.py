@@ -9,6 +9,10 @@ A Ray Train run (``<storage>/<name>``, also each sweep trial)::
 
     config.yaml  sdetr_run.json  events.jsonl  history.json  workers/rank<r>.{pid,json}
     checkpoint_epochNNNN_stepNNNNNN[-k]/state.pth  shards/ (when the run sharded a COCO folder itself)
+    mlflow_pending.jsonl (only while the tracking server could not be reached: metrics not yet sent)
+
+On object storage (``s3://...``) a Ray run has the same files except the local-only ones
+(``events.jsonl``, ``workers/``, ``pictures/``).
 
 A sweep (``<storage>/<name>``)::
 
@@ -35,6 +39,9 @@ CHECKPOINT_GLOB = "checkpoint_epoch*.pth"
 RUN_RECORD = "sdetr_run.json"  # Ray runs: name, workers, data, the MLflow run to continue
 EVENTS_FILE = "events.jsonl"
 HISTORY_FILE = "history.json"  # Ray runs: the per-epoch records, readable without Ray or torch
+# Ray runs: metrics rank 0 could not send to an unreachable tracking server (JSON lines), sent by the next
+# flush that reaches it (also by a restarted worker) and removed then.
+METRICS_SPOOL = "mlflow_pending.jsonl"
 WORKERS_DIR = "workers"
 SHARDS_DIR = "shards"
 STATE_FILE = "state.pth"  # inside each Ray checkpoint folder

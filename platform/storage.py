@@ -183,6 +183,24 @@ class Location:
     def open_input(self, rel: str) -> io.RawIOBase:
         return self.fs.open_input_file(self._p(rel))
 
+    def remove(self, rel: str) -> None:
+        """Delete the file ``rel`` if it is there."""
+        if self.is_file(rel):
+            self.fs.delete_file(self._p(rel))
+
+    def parent(self) -> Location:
+        """The folder holding this one (of the same filesystem)."""
+        path = self.path.rstrip("/").rsplit("/", 1)[0]
+        uri = self.uri.rstrip("/").rsplit("/", 1)[0]
+        return Location(uri, fs=self.fs, path=path)
+
+
+def split_file(where: str | Path) -> tuple[Location, str]:
+    """``(the folder's Location, the file name)`` of a file given as a path or URI."""
+    text = str(where).rstrip("/")
+    folder, _, name = text.rpartition("/")
+    return Location(folder or "."), name
+
 
 def sweep_location(storage: str | Path | None, name: str) -> Location:
     """``<storage>/<name>`` of a sweep (storage: a folder or URI, default ./runs)."""

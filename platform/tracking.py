@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdetr.detector.errors import ConfigError
-from sdetr.platform.layout import write_text_atomic
+from sdetr.platform.storage import split_file
 from sdetr.platform.uris import redact, scheme_of
 
 DEFAULT_EXPERIMENT = "sdetr"
@@ -227,9 +227,11 @@ class MetricLogger:
     epochs replayed since the last checkpoint were already logged once and must not appear twice.
 
     A tracking server that goes away does not stop training: a flush that fails keeps its metrics (in
-    memory, and in ``spool``, a JSON-lines file in the run folder, when given) and warns once; the next
-    flush that reaches the server sends them first, in order. Nothing is lost while the process lives,
-    and with a spool file a restarted process sends what its predecessor could not.
+    memory, and in ``spool``, a JSON-lines file in the run folder — a path or a URI such as
+    ``s3://bucket/runs/r/mlflow_pending.jsonl``, layout.METRICS_SPOOL — when given) and warns once; the
+    next flush that reaches the server sends them first, in order, and removes the file. Nothing is lost
+    while the process lives, and with a spool file a restarted process sends what its predecessor
+    could not (`send_spool` does it without training, e.g. after the run ended with the server away).
     """
 
     def __init__(self, tracking_uri: str, run_id: str, spool: str | Path | None = None, log=print):
@@ -244,7 +246,8 @@ class MetricLogger:
         self._buffer: list = []
         self._floors: dict[str, int] = {}
         self._log = log
-        self._spool = Path(spool) if spool is not None else None
+        self._spool = split_file(spool) if spool is not None else None
+        self._spooled = False  # a spool file exists (removed once all of it is sent)
         self._pending: list = self._read_spool()
         self._warned = False
 
@@ -314,20 +317,26 @@ class MetricLogger:
         if self._warned:
             return
         self._warned = True
-        where = f"in {self._spool}" if self._spool is not None else "in memory"
+        where = f"in {self.spool_uri}" if self._spool is not None else "in memory"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         self._log(
             f"warning: MLflow {redact(self.tracking_uri)} unreachable ({first}); training goes on, "
             f"metrics are kept {where} and sent when it is back"
         )
 
+    @property
+    def spool_uri(self) -> str | None:
+        return f"{self._spool[0]}/{self._spool[1]}" if self._spool is not None else None
+
     def _read_spool(self) -> list:
         from mlflow.entities import Metric
 
-        if self._spool is None or not self._spool.is_file():
+        text = self._spool[0].read_text(self._spool[1]) if self._spool is not None else None
+        self._spooled = text is not None
+        if text is None:
             return []
         rows = []
-        for line in self._spool.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 d = json.loads(line)
                 rows.append(Metric(d["key"], float(d["value"]), int(d["timestamp"]), int(d["step"])))
@@ -338,10 +347,34 @@ class MetricLogger:
     def _write_spool(self) -> None:
         if self._spool is None:
             return
-        if not self._pending:
-            self._spool.unlink(missing_ok=True)
-            return
-        rows = [
-            {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._pending
-        ]
-        write_text_atomic(self._spool, "".join(json.dumps(r) + "\n" for r in rows))
+        folder, name = self._spool
+        try:
+            if not self._pending:
+                if self._spooled:
+                    folder.remove(name)
+                    self._spooled = False
+                return
+            rows = [
+                {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                for m in self._pending
+            ]
+            # Atomic (a rename locally, one PUT on object storage): a reader never sees half of it.
+            folder.write_text(name, "".join(json.dumps(r) + "\n" for r in rows))
+            self._spooled = True
+        except OSError as exc:  # the run folder's store is away too: the metrics stay in memory
+            self._log(f"warning: MLflow spool {self.spool_uri} not written ({exc}); metrics kept in memory")
+
+
+def send_spool(tracking_uri: str, run_id: str, spool: str | Path, log=print) -> int:
+    """Send the metrics a run's spool file holds (what its worker could not send before it ended) and
+    remove the file; returns how many were sent (0 when there is no spool). Raises when the store is
+    still unreachable, leaving the file as it was."""
+    logger = MetricLogger(tracking_uri, run_id, spool=spool, log=log)
+    count = logger.pending
+    if count == 0:
+        return 0
+    if not logger.flush():
+        raise ConfigError(
+            f"MLflow {redact(tracking_uri)} still unreachable; {count} metrics stay in {logger.spool_uri}"
+        )
+    return count

@@ -4,7 +4,8 @@
                [--flops-input HxW|none] [--device auto|cpu|cuda] [--batch-size B]
                [--mlflow-uri URI | --no-mlflow] [--out FILE] [--json]
 
-``--checkpoint`` takes a ``.pth`` file, a Ray checkpoint folder or a run folder
+``--checkpoint`` takes a ``.pth`` file, a Ray checkpoint folder or a run folder, local or a URI on
+object storage (``s3://...``: copied to a temporary folder, the record written back beside it)
 (`sdetr.platform.evaluation.checkpoints`); the measurement, the record (``dynamic_rho.json``) and its
 MLflow logging are `sdetr.platform.evaluation.dynamic_rho`'s, imported by the handler (it pulls in
 torch and the models, and the parser is built for every ``sdetr`` command).
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        type=Path,
-        help="a .pth file, a Ray checkpoint folder (state.pth) or a run folder (its newest checkpoint)",
+        help="a .pth file, a Ray checkpoint folder (state.pth) or a run folder (its newest checkpoint); "
+        "a path or a URI (s3://...)",
     )
     p.add_argument(
         "--data",
-        type=Path,
-        help="COCO 2017 layout folder or shard folder (default: the checkpoint config's data.root)",
+        help="COCO 2017 layout folder or shard folder, or a URI of shards (default: the checkpoint "
+        "config's data.root)",
     )
     p.add_argument(
         "--rho",
@@ -89,11 +91,26 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    from sdetr.platform.evaluation import dynamic_rho
+    from sdetr.platform.storage import is_uri
 
     rhos = parse_rhos(args.rho)
+    if not is_uri(args.checkpoint):
+        return _eval(args, rhos, args.checkpoint, None)
+    from sdetr.platform.evaluation.checkpoints import fetch_remote
+
+    with tempfile.TemporaryDirectory(prefix="sdetr-eval-") as tmp:
+        remote = fetch_remote(args.checkpoint, Path(tmp), log=_stderr)
+        return _eval(args, rhos, remote.local, remote)
+
+
+def _eval(args, rhos: list[float], checkpoint, remote) -> int:
+    """Evaluate a local checkpoint; ``remote``: the `RemoteCheckpoint` it is a copy of (the record then
+    names the URIs and goes back beside the checkpoint on storage, unless --out says where)."""
+    from sdetr.platform.evaluation import dynamic_rho
+    from sdetr.platform.storage import Location
+
     record = dynamic_rho.evaluate_rhos(
-        args.checkpoint,
+        checkpoint,
         rhos,
         data=str(args.data) if args.data is not None else None,
         val_images=args.val,
@@ -108,14 +125,25 @@ def cmd_eval(args) -> int:
     target = dynamic_rho.mlflow_run_of(record, uri, log=_stderr) if uri else None
     if target is not None and not record["trial_id"]:
         record["trial_id"] = target[1].data.tags.get(dynamic_rho.TRIAL_TAG, "")
-    path = dynamic_rho.write_record(record, args.out)
+    shown = None
+    if remote is not None:
+        record["checkpoint"] = remote.uri_of(record["checkpoint"])
+        if record["run_dir"]:
+            record["run_dir"] = remote.uri_of(record["run_dir"])
+    if remote is not None and args.out is None:
+        # Beside the checkpoint, as locally: in its run folder (`sdetr pareto` reads it there).
+        path = dynamic_rho.write_record(record, remote.local_root / DYNAMIC_RHO_FILE)
+        Location(remote.remote_root).upload(path, DYNAMIC_RHO_FILE)
+        shown = f"{remote.remote_root}/{DYNAMIC_RHO_FILE}"
+    else:
+        path = dynamic_rho.write_record(record, args.out)
     if target is not None:
         dynamic_rho.log_to_mlflow(record, path, target[0])
     if args.json:
         print(json.dumps(record))
     else:
         print(format_table(record))
-        print(f"record: {path}")
+        print(f"record: {shown or path}")
         if target is not None:
             metrics = f"{dynamic_rho.METRIC_PREFIX}* at step round(ρ·1000)"
             print(f"MLflow: {record['run_id']} ({uri}), metrics {metrics}")

@@ -9,6 +9,10 @@ A checkpoint path may be::
                                     (epoch, step, retry) of ``checkpoint_epochNNNN_stepNNNNNN[-k]/state.pth``
                                     (Ray runs) or ``checkpoints/checkpoint_epochNNNN.pth`` (single process)
 
+Any of them may be a URI on object storage (``s3://bucket/runs/demo/trials/<id>``): `fetch_remote`
+copies what is needed (the run's records and its newest readable checkpoint) into a local folder of
+the same shape, and maps local paths back to URIs.
+
 Used by ``sdetr eval``; nothing here is specific to evaluation (no data, no model building).
 """
 
@@ -31,6 +35,9 @@ from sdetr.platform.layout import (
     STATE_FILE,
     TRIAL_RECORD,
 )
+from sdetr.platform.storage import Location
+
+RUN_FILES = (RUN_RECORD, TRIAL_RECORD, CONFIG_FILE)  # what marks (and describes) a run folder
 
 # Official backbone name -> the prefix of the sdetr preset with the same architecture.
 _OFFICIAL_PRESET_PREFIX = {"resnet50": "r50", "swin_t": "swint"}
@@ -157,3 +164,97 @@ def config_of_checkpoint(state: dict[str, Any], file: Path) -> Config:
         f"{file}: not an sdetr or official Sparse DETR checkpoint (it has neither 'config' nor 'args'; "
         f"keys: {', '.join(sorted(map(str, state))[:8])})"
     )
+
+
+# -- checkpoints on object storage -----------------------------------------------------------------
+@dataclass
+class RemoteCheckpoint:
+    """A local copy of a checkpoint that lives at a URI.
+
+    Attributes:
+        local: the local path standing for what the user pointed at (file or folder), for
+            `load_checkpoint`.
+        run: the run folder on storage, or None (a checkpoint outside any run folder).
+        local_root: the local folder mirroring ``run`` (or the checkpoint's folder).
+        remote_root: the URI ``local_root`` mirrors.
+    """
+
+    local: Path
+    run: Location | None
+    local_root: Path
+    remote_root: str
+
+    def uri_of(self, local: str | Path) -> str:
+        """The URI a path inside the local copy stands for."""
+        rel = Path(local).resolve().relative_to(self.local_root.resolve()).as_posix()
+        return self.remote_root if rel == "." else f"{self.remote_root}/{rel}"
+
+
+def _ray_checkpoint_dirs(folder: Location) -> list[str]:
+    """Names of the ``checkpoint_epoch*`` folders of a run folder, newest first (epoch, step, retry)."""
+
+    def order(name: str) -> tuple:
+        return tuple(int(g) if g else -1 for g in CHECKPOINT_NAME.match(name).groups())
+
+    names = [d for d in folder.list_dirs() if CHECKPOINT_NAME.match(d)]
+    return sorted(names, key=order, reverse=True)
+
+
+def fetch_remote(uri: str, dest: Path, log=print) -> RemoteCheckpoint:
+    """Copy the checkpoint ``uri`` stands for (a file, a Ray checkpoint folder or a run folder) into
+    ``dest``: the run folder's records and, for a folder, its newest readable checkpoint (a torn newer
+    one is skipped with a warning, as `load_checkpoint` does locally)."""
+    target = Location(uri).check()
+    if not target.exists():
+        raise CheckpointError(
+            f"{uri}: checkpoint not found (expected a .pth file, a checkpoint or run folder)"
+        )
+    is_file = target.is_file("")
+    parent = target.parent()
+    # The run folder: the target itself (a run folder), or one or two levels up, as `run_folder_of`.
+    ups = [parent, parent.parent()] if is_file else [target, parent]
+    run = next((f for f in ups if any(f.is_file(n) for n in RUN_FILES)), None)
+    root = run or (parent if is_file else target)
+    local_root = dest / (root.name or "checkpoint")
+    mirror = RemoteCheckpoint(local=local_root, run=run, local_root=local_root, remote_root=root.uri)
+
+    def local_of(loc: Location, rel: str = "") -> Path:
+        tail = f"{loc.uri}/{rel}".rstrip("/")[len(root.uri) :].strip("/")
+        return local_root / tail if tail else local_root
+
+    def copy(loc: Location, rel: str) -> Path:
+        return loc.download(rel, local_of(loc, rel))
+
+    for name in RUN_FILES if run is not None else ():
+        if run.is_file(name):
+            copy(run, name)
+    if is_file:
+        mirror.local = copy(parent, target.name)
+        return mirror
+    if target.is_file(STATE_FILE):  # a Ray checkpoint folder
+        copy(target, STATE_FILE)
+        mirror.local = local_of(target)
+        return mirror
+    # A run folder: its newest checkpoint that reads.
+    candidates = [(target.child(d), STATE_FILE) for d in _ray_checkpoint_dirs(target)]
+    singles = sorted(
+        (n for n in target.list_files(CHECKPOINTS_DIR) if CHECKPOINT_NAME.match(n)), reverse=True
+    )
+    candidates += [(target.child(CHECKPOINTS_DIR), n) for n in singles]
+    candidates = [(loc, rel) for loc, rel in candidates if loc.is_file(rel)]
+    if not candidates:
+        raise CheckpointError(
+            f"{uri}: no checkpoint in this folder (looked for {STATE_FILE}, "
+            f"checkpoint_epoch*/{STATE_FILE} and {CHECKPOINTS_DIR}/{CHECKPOINT_GLOB})"
+        )
+    errors = []
+    for loc, rel in candidates:
+        local = copy(loc, rel)
+        try:
+            read_checkpoint(local)
+            return mirror
+        except CheckpointError as exc:
+            log(f"warning: skipping unreadable checkpoint {loc.uri}/{rel}: {exc}")
+            errors.append(str(exc))
+            local.unlink()
+    raise CheckpointError(f"{uri}: none of its {len(candidates)} checkpoints is readable ({errors[0]})")

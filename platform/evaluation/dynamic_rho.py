@@ -56,6 +56,7 @@ from sdetr.platform.layout import (
 )
 from sdetr.platform.shards.dataset import ShardDataset
 from sdetr.platform.shards.manifest import MANIFEST, load_manifest
+from sdetr.platform.storage import Location, is_uri
 from sdetr.platform.training import engine
 
 METRIC_PREFIX = f"{DYNAMIC_RHO_ARTIFACT_DIR}/"
@@ -93,14 +94,23 @@ def rho_step(rho: float) -> int:
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-def val_dataset(data: Path, cfg, val_images: int = 0):
-    """The val images of a COCO 2017 layout folder or a shard folder, after the val transform of
-    ``cfg.data``; ``val_images`` > 0 keeps the first ones by id (the ground truth too)."""
-    if not data.is_dir():
+def val_dataset(data: str | Path, cfg, val_images: int = 0):
+    """The val images of a COCO 2017 layout folder or a shard folder (also a URI: ``s3://.../shards``),
+    after the val transform of ``cfg.data``; ``val_images`` > 0 keeps the first ones by id (the ground
+    truth too)."""
+    if is_uri(data):
+        data = Location(data)
+        if not data.is_file(MANIFEST):
+            raise DataError(
+                f"{data}: no shard folder there (no {MANIFEST}; `sdetr data shard --out` makes one)"
+            )
+    else:
+        data = Path(data)
+    if isinstance(data, Path) and not data.is_dir():
         raise DataError(
             f"{data}: data folder not found (give --data: a COCO 2017 layout folder or a shard folder)"
         )
-    if (data / MANIFEST).is_file():
+    if isinstance(data, Location) or (data / MANIFEST).is_file():
         # `sdetr data shard` names the splits train / val; a folder sharded with --splits val2017 works too.
         have = load_manifest(data)["splits"]
         split = next((s for s in ("val", cfg.data.val_split) if s in have), "val")
@@ -121,11 +131,13 @@ def val_dataset(data: Path, cfg, val_images: int = 0):
     return dataset
 
 
-def _data_path(data: str | None, cfg, run_record: dict[str, Any]) -> Path:
-    """--data, else the config's data.root; for a Ray run whose root is gone, the shard folder its
-    run record names (Ray runs may shard a COCO root into the run folder)."""
+def _data_path(data: str | None, cfg, run_record: dict[str, Any]) -> Path | str:
+    """--data, else the config's data.root (either may be a URI of shards); for a Ray run whose root is
+    gone, the shard folder its run record names (Ray runs may shard a COCO root into the run folder)."""
     if data is not None:
-        return Path(data).expanduser()
+        return data if is_uri(data) else Path(data).expanduser()
+    if is_uri(cfg.data.root):
+        return cfg.data.root
     root = Path(cfg.data.root).expanduser()
     recorded = run_record.get("data")
     if not root.is_dir() and isinstance(recorded, str) and "://" not in recorded and Path(recorded).is_dir():

@@ -9,7 +9,6 @@ GFLOPs together. The Train run is named after the trial id, so a restarted trial
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +18,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
 from sdetr.detector.presets import get_preset, preset_names
 from sdetr.platform import tracking
-from sdetr.platform.layout import COST_FILE, RUN_RECORD, TRIAL_RECORD, TRIALS_DIR, read_json, write_json
+from sdetr.platform.layout import COST_FILE, RUN_RECORD, TRIAL_RECORD, TRIALS_DIR
 from sdetr.platform.pareto import label_for
-from sdetr.platform.storage import RunStorage
+from sdetr.platform.storage import Location, RunStorage
 from sdetr.platform.sweeps.spec import SweepSpec
 from sdetr.platform.sweeps.summary import gflops_text
 from sdetr.platform.training.driver import launch
@@ -34,14 +33,20 @@ class SweepContext:
     """What the sweep driver decided once for all trials (passed to each trial by Tune)."""
 
     spec: SweepSpec
-    sweep_dir: str
-    data: str  # the shard folder
+    sweep_dir: str  # a folder or a URI (s3://...): read and written through storage.Location only
+    data: str  # the shard folder (or URI)
     cpus_per_worker: float
     mlflow: dict[str, str] | None  # the parent run: {"tracking_uri", "run_id", ...}
     ray_job_id: str = ""
 
 
-def epoch_report_callback(extra: dict[str, Any], epochs: int, folder: Path | None = None, label: str = ""):
+def epoch_report_callback(
+    extra: dict[str, Any],
+    epochs: int,
+    folder: Location | None = None,
+    label: str = "",
+    tracking_uri: str | None = None,
+):
     """A Train callback, run in the Train controller, that forwards end-of-epoch reports to Tune.
 
     Mid-epoch checkpoint reports carry no AP: forwarding them would hand schedulers and searchers
@@ -55,7 +60,7 @@ def epoch_report_callback(extra: dict[str, Any], epochs: int, folder: Path | Non
 
         def after_report(self, run_context, metrics, checkpoint):
             if folder is not None and label and not self.named:
-                name_mlflow_run(folder, label)
+                name_mlflow_run(folder, label, tracking_uri)
                 self.named = True
             report = TrainReport.from_ray(metrics[0])
             if not report.epoch_end:
@@ -67,7 +72,7 @@ def epoch_report_callback(extra: dict[str, Any], epochs: int, folder: Path | Non
     return EpochReportCallback()
 
 
-def trial_cost(cfg, spec: SweepSpec, folder: Path, data: str) -> dict[str, Any]:
+def trial_cost(cfg, spec: SweepSpec, folder: Location | str, data: str) -> dict[str, Any]:
     """Parameters and GFLOPs (papers' convention) of the trial's model, computed once per trial: at the
     papers' fixed input (``gflops_fixed``) and, with ``cost: {input: val}``, as the mean over the first
     val images at the resolution the trial is evaluated at (``gflops``, as the official full mode; else
@@ -75,7 +80,8 @@ def trial_cost(cfg, spec: SweepSpec, folder: Path, data: str) -> dict[str, Any]:
 
     Known before training starts, so a trial's cost is in MLflow and Tune from its first report.
     """
-    cached = read_json(folder / COST_FILE)
+    folder = Location.of(folder)
+    cached = folder.read_json(COST_FILE)
     if cached is not None and "gflops_fixed" in cached:
         return cached
     device = "cuda" if spec.gpus_per_worker > 0 else "cpu"
@@ -97,7 +103,7 @@ def trial_cost(cfg, spec: SweepSpec, folder: Path, data: str) -> dict[str, Any]:
     if spec.cost_input is None:
         val = val_gflops(cfg, data, spec.cost_val_images, device)
         cost.update(val)
-    write_json(folder / COST_FILE, cost)
+    folder.write_json(COST_FILE, cost)
     return cost
 
 
@@ -108,7 +114,7 @@ def val_gflops(cfg, data: str, images: int, device: str = "cpu") -> dict[str, An
     from sdetr.detector.cost import FlopReport, count_flops
     from sdetr.platform.evaluation.dynamic_rho import val_dataset
 
-    dataset = val_dataset(Path(data), cfg, images)
+    dataset = val_dataset(data, cfg, images)
     model = build_model(cfg.model).to(device).eval()
     reports, sizes = [], []
     for i in range(min(images, len(dataset))):
@@ -156,14 +162,15 @@ def headline_metrics(cost: dict[str, Any], rho: float) -> dict[str, float]:
     return out
 
 
-def name_mlflow_run(folder: Path, label: str) -> None:
+def name_mlflow_run(folder: Location | str, label: str, tracking_uri: str | None = None) -> None:
     """Name the trial's MLflow run after its label (the driver creates it named after the trial id).
-    Idempotent; a store that cannot be reached only costs the name."""
-    tracked = (read_json(folder / RUN_RECORD) or {}).get("mlflow") or {}
+    Idempotent; a store that cannot be reached only costs the name. ``tracking_uri``: the sweep's (the
+    run record's is masked when it had a password)."""
+    tracked = (Location.of(folder).read_json(RUN_RECORD) or {}).get("mlflow") or {}
     if not tracked.get("run_id"):
         return
     try:
-        client = tracking.client(tracked["tracking_uri"])
+        client = tracking.client(tracking_uri or tracked["tracking_uri"])
         tracking.set_tags(client, tracked["run_id"], {"mlflow.runName": label})
     except Exception as exc:  # noqa: BLE001 - naming is cosmetic; training must go on
         print(f"warning: could not name MLflow run {tracked['run_id']} {label!r}: {exc}")
@@ -189,7 +196,8 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = spec.trial_config(params)
     cfg.data.root = context.data
-    folder = Path(context.sweep_dir) / TRIALS_DIR / trial_id
+    trials = Location(context.sweep_dir).child(TRIALS_DIR)
+    folder = trials.child(trial_id)
     cfg.preset = effective_preset(cfg)
     # A status line: counting the model's FLOPs takes seconds to a minute before Ray Train starts.
     print(f"{trial_id} ({cfg.preset}): counting GFLOPs before training ...", flush=True)
@@ -208,7 +216,7 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         "cost": cost,
         "gflops_text": gflops_text(cost),
     }
-    write_json(folder / TRIAL_RECORD, record)
+    folder.write_json(TRIAL_RECORD, record)
 
     history = read_history(folder)
     if history and len(history) >= cfg.optim.epochs:
@@ -234,7 +242,7 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         params={f"sweep.{k}": v for k, v in params.items()},
         metrics={**headline_metrics(cost, cfg.model.rho), **{f"cost/{k}": v for k, v in numbers.items()}},
     )
-    storage = RunStorage(str(Path(context.sweep_dir) / TRIALS_DIR), trial_id)
+    storage = RunStorage(trials.uri, trial_id)
     plan = resolve_plan(
         cfg,
         storage,
@@ -244,6 +252,6 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         spec.gpus_per_worker,
         mlflow,
         max_failures=spec.max_failures,
-        callbacks=[epoch_report_callback(extra, cfg.optim.epochs, folder, label)],
+        callbacks=[epoch_report_callback(extra, cfg.optim.epochs, folder, label, parent.get("tracking_uri"))],
     )
     launch(plan)

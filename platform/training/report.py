@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdetr.platform.layout import HISTORY_FILE, read_json, write_json
+from sdetr.platform.layout import HISTORY_FILE
+from sdetr.platform.storage import Location
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -88,11 +89,13 @@ def mlflow_epoch_metrics(record: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records rank 0 wrote to ``<run_dir>/history.json`` (empty before the first epoch)."""
-    data = read_json(Path(run_dir) / HISTORY_FILE, default={})
+def read_history(run_dir: str | Path | Location) -> list[dict[str, Any]]:
+    """The per-epoch records rank 0 wrote to ``<run_dir>/history.json`` (empty before the first epoch);
+    ``run_dir`` a folder or a URI (storage.py)."""
+    data = Location.of(run_dir).read_json(HISTORY_FILE, default={})
     return list(data.get("history", [])) if isinstance(data, dict) else []
 
 
-def write_history(run_dir: str | Path, epochs: int, history: list[dict[str, Any]]) -> None:
-    write_json(Path(run_dir) / HISTORY_FILE, {"epochs": epochs, "history": history})
+def write_history(run_dir: str | Path | Location, epochs: int, history: list[dict[str, Any]]) -> None:
+    """Atomically (a rename locally, one PUT on object storage), so readers never see half a file."""
+    Location.of(run_dir).write_json(HISTORY_FILE, {"epochs": epochs, "history": history})

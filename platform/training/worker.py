@@ -27,7 +27,7 @@ from sdetr.detector.checkpoint import save_atomic
 from sdetr.detector.config import Config
 from sdetr.detector.evaluation.postprocess import PostProcess
 from sdetr.platform import tracking
-from sdetr.platform.layout import STATE_FILE, append_jsonl, write_json
+from sdetr.platform.layout import METRICS_SPOOL, STATE_FILE, append_jsonl, write_json
 from sdetr.platform.shards.dataset import coco_ground_truth
 from sdetr.platform.shards.reader import iter_epoch
 from sdetr.platform.training.checkpointing import record_event, rng_state, seed_everything
@@ -69,7 +69,10 @@ def train_func(config: dict[str, Any]) -> None:
     progress = restore_progress(setup, modules)
     logger = None
     if setup.rank == 0 and config.get("mlflow"):
-        logger = tracking.MetricLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"])
+        # Metrics the tracking server cannot take (it went away) wait in the run folder's spool file.
+        spool = f"{setup.run_dir or setup.checkpoint_root}/{METRICS_SPOOL}"
+        tracked = config["mlflow"]
+        logger = tracking.MetricLogger(tracked["tracking_uri"], tracked["run_id"], spool=spool)
         # Steps and epochs replayed since the last checkpoint were logged before the failure.
         logger.restore_floor(STEP_MARKER)
         logger.restore_floor(EPOCH_MARKER)
@@ -213,9 +216,10 @@ def finish_epoch(
     if setup.rank == 0:
         print(format_record(record))
     save_and_report(setup, modules, progress, logger, {k: v for k, v in record.items() if k != "epoch"})
-    if setup.rank == 0 and setup.run_dir is not None:
-        # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun).
-        write_history(setup.run_dir, setup.cfg.optim.epochs, progress.history)
+    if setup.rank == 0:
+        # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun); in the
+        # run folder, local or on object storage (checkpoint_root is its URI there).
+        write_history(setup.run_dir or setup.checkpoint_root, setup.cfg.optim.epochs, progress.history)
     progress.epoch, progress.batches_done = progress.epoch + 1, 0
 
 
