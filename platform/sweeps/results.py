@@ -17,6 +17,7 @@ from sdetr.platform import tracking
 from sdetr.platform.layout import (
     DYNAMIC_RHO_FILE,
     HISTORY_FILE,
+    METRICS_SPOOL,
     PARETO_DIR,
     RUN_RECORD,
     SWEEP_RECORD,
@@ -183,6 +184,7 @@ def finalize(
                 )
             tracked = {**tracked, "tracking_uri": uri} if uri else None
         if mlflow and tracked:
+            send_spools(sweep, tracked["tracking_uri"], log)
             _log_front(tracked, points, files)
             tracking.set_tags(
                 tracking.client(tracked["tracking_uri"]),
@@ -196,6 +198,26 @@ def finalize(
             log(line)
     front = [p for p in points if p.on_front]
     return {"points": points, "front": front}
+
+
+def send_spools(sweep_dir: str | Path | Location, tracking_uri: str, log=print) -> int:
+    """Send the metrics trials kept in their spool files (``mlflow_pending.jsonl``: the tracking server
+    was away when a worker flushed, and the run ended before it came back); returns how many. Called
+    when a sweep ends and by ``sdetr pareto``; a store still unreachable leaves the files for next time."""
+    sweep = Location.of(sweep_dir)
+    sent = 0
+    for row in trial_rows(sweep):
+        folder = Location.of(row["folder"])
+        if not row["run_id"] or not folder.is_file(METRICS_SPOOL):
+            continue
+        try:
+            count = tracking.send_spool(tracking_uri, row["run_id"], f"{folder}/{METRICS_SPOOL}", log=log)
+        except ConfigError as exc:
+            log(f"warning: {exc}")
+            continue
+        log(f"sent {count} metrics that {row['trial_id']} kept while MLflow was unreachable")
+        sent += count
+    return sent
 
 
 def _log_front(tracked: dict[str, str], points: list, files: list[Path]) -> None:
