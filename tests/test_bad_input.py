@@ -111,9 +111,10 @@ def test_sweep_storage_uri_is_never_a_local_folder(tmp_path, capsys, monkeypatch
         ["sweep", "status", "demo", "--storage", "foo://bar"],
         ["sweep", "resume", "demo", "--storage", "foo://bar"],
         ["pareto", "demo", "--storage", "foo://bar"],
+        ["eval", "--checkpoint", "foo://bar/runs/r1", "--rho", "0.1"],
     ):
         code, err = run(capsys, *argv)
-        assert code == 2 and "storage foo://bar: unknown scheme 'foo'" in err, (argv, err)
+        assert code == 2 and "storage foo://bar" in err and "unknown scheme 'foo'" in err, (argv, err)
     assert list(tmp_path.iterdir()) == []
 
 
