@@ -31,6 +31,30 @@ from sdetr.platform.training.run_plan import DistributedOptions, RunPlan, check_
 from sdetr.platform.training.worker import train_func
 from sdetr.platform.uris import redact
 
+try:  # Ray 2.60's layout; without it the trainer keeps its default callbacks
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+except ImportError:  # pragma: no cover - another Ray version
+    PlacementGroupCleanerCallback = None
+
+
+class Trainer(TorchTrainer):
+    """``TorchTrainer`` without Ray Train's placement-group cleaner.
+
+    The cleaner (a detached actor per run) asks the state API every second whether the run's controller
+    is alive and removes the run's placement group when the answer is "not found". On a loaded machine
+    the state API answers "not found" for a live controller: the cleaner then removes the placement
+    group of a running run and every worker dies with "Destroying worker since its placement group was
+    removed" (seen in CI and reproduced here at load ~13). A run's placement group belongs to its
+    job and goes with it; without the cleaner, only a controller that dies while its driver lives on
+    (a sweep whose trial controller was killed) leaves one behind until the sweep ends.
+    """
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if PlacementGroupCleanerCallback is None:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+
 
 class TrainingFailed(SdetrError):
     """The worker group failed more often than --max-failures allows."""
@@ -64,7 +88,7 @@ def launch(plan: RunPlan, log=print) -> dict[str, Any]:
         f"{plan.cpus_per_worker:g} CPU{gpus}, {plan.steps_per_epoch} steps/epoch, {cfg.optim.epochs} epochs"
     )
     try:
-        result = fit(plan, tracked)
+        result = fit(plan, tracked, log)
     except BaseException as exc:
         if tracked is not None:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
@@ -122,11 +146,46 @@ def start_tracking(plan: RunPlan, record: dict | None, log=print):
     return tracked
 
 
-def fit(plan: RunPlan, tracked):
-    """The ``TorchTrainer`` of the plan, fitted (Ray resumes a named run from its snapshot)."""
-    cfg, storage = plan.cfg, plan.storage
+def fit(plan: RunPlan, tracked, log=print):
+    """The ``TorchTrainer`` of the plan, fitted (Ray resumes a named run from its snapshot).
+
+    Ray Train retries a worker that dies while training (``max_failures``), but not one that dies while
+    its worker group starts or restarts (Ray 2.60 calls the new workers' ``init_train_context`` outside
+    its retry path): that surfaces as a ``ControllerError`` around a ``RayActorError`` and ends the fit.
+    It is the same lost process, so it is retried here from the run's snapshot, within the same
+    ``max_failures`` budget.
+    """
     if not ray.is_initialized():
         ray.init(address=plan.address)
+    lost = 0
+    while True:
+        try:
+            return build_trainer(plan, tracked).fit()
+        except ray.train.TrainingFailedError as exc:
+            if lost_worker_at_start(exc) and lost < plan.max_failures:
+                lost += 1
+                log(
+                    f"warning: Ray Train lost a worker while (re)starting its group ({short_reason(exc)}); "
+                    f"continuing the run from its last checkpoint (retry {lost} of {plan.max_failures})"
+                )
+                continue
+            raise TrainingFailed(f"training failed after {plan.max_failures} restart(s): {exc}") from exc
+
+
+def lost_worker_at_start(exc: BaseException) -> bool:
+    """Whether a failed fit is Ray Train's controller giving up on a dead worker actor."""
+    failure = getattr(exc, "controller_failure", None)
+    return isinstance(exc, ray.train.ControllerError) and isinstance(failure, ray.exceptions.RayActorError)
+
+
+def short_reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "controller_failure", exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def build_trainer(plan: RunPlan, tracked) -> Trainer:
+    """The plan's ``TorchTrainer``; named after the run, so a second one continues the first."""
+    cfg, storage = plan.cfg, plan.storage
     ctx = DataContext.get_current()
     # Exact resume needs every worker to get the same rows in the same order each epoch.
     ctx.execution_options.preserve_order = True
@@ -138,7 +197,7 @@ def fit(plan: RunPlan, tracked):
     if use_gpu:
         resources["GPU"] = plan.gpus_per_worker
     keep = cfg.train.keep_checkpoints
-    trainer = TorchTrainer(
+    return Trainer(
         train_func,
         train_loop_config={
             "config": cfg.to_dict(),
@@ -169,7 +228,3 @@ def fit(plan: RunPlan, tracked):
         },
         dataset_config=dataset_config(),
     )
-    try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(f"training failed after {plan.max_failures} restart(s): {exc}") from exc
