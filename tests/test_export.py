@@ -1,5 +1,5 @@
 """Export: bad input is refused before anything is written; ONNX Runtime and the torch.export program
-match the PyTorch model at three image sizes (pending the model change below)."""
+match the PyTorch model at three image sizes."""
 
 from __future__ import annotations
 
@@ -50,10 +50,7 @@ def test_bad_requests_are_refused_and_nothing_is_overwritten(sparse, tmp_path):
     assert existing.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-# The transformer reads the level sizes back with spatial_shapes.tolist() (transformer/encoder.py,
-# transformer/deformable_transformer.py, layers/ms_deform_attn.py, layers/kda.py, lite_encoder.py), which
-# torch.export cannot trace; strict: this starts failing (XPASS) once the model carries them as Python ints.
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="model reads level sizes with Tensor.tolist()")
+# One export per preset at the first size; the image size is dynamic, so the same files serve all three.
 @pytest.mark.parametrize(
     "preset", ["tiny_sparse_detr_rho_0.1", "tiny_deformable_detr", "tiny_lite_detr_h3l1_3p1x2"]
 )
@@ -86,3 +83,85 @@ def test_onnx_and_torch_export_match_pytorch(preset, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# -- sdetr export ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Sparse DETR saved as the trainers save it (weights + config)."""
+    from sdetr.detector.checkpoint import save_atomic
+
+    cfg = get_preset("tiny_sparse_detr_rho_0.1", SMALL)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    save_atomic({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()}, path)
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    from sdetr.platform.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--format", "tflite"], "--format 'tflite': unknown format; expected one of onnx, torch"),
+        (["--format", "onnx", "--rho", "1.5"], "--rho 1.5: expected a number in (0, 1]"),
+        (["--format", "onnx", "--rho", "0"], "--rho 0: expected a number in (0, 1]"),
+        (["--format", "torch", "--input", "100x128"], "--input 100x128: each side must be a multiple of 64"),
+    ],
+)
+def test_cli_refuses_bad_requests_with_one_line(checkpoint, tmp_path, capsys, extra, message):
+    code, _, err = run_cli(capsys, "export", "--checkpoint", checkpoint, *extra, "--output", tmp_path / "m")
+    assert code == 2 and err.startswith(f"sdetr: error: {message}") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_refuses_other_architecture_and_keeps_existing_output(checkpoint, tmp_path, capsys):
+    from sdetr.detector.checkpoint import read_checkpoint, save_atomic
+
+    # Weights of a Sparse DETR under a Deformable DETR config: another architecture, named in one line.
+    state = read_checkpoint(checkpoint)
+    state["config"] = get_preset("tiny_deformable_detr", SMALL).to_dict()
+    other = tmp_path / "other.pth"
+    save_atomic(state, other)
+    code, _, err = run_cli(
+        capsys, "export", "--checkpoint", other, "--format", "onnx", "--output", tmp_path / "x"
+    )
+    assert code == 2 and "does not fit this model" in err and "enc_mask_predictor" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+    existing = tmp_path / "m.onnx"
+    existing.write_bytes(b"keep me")
+    code, _, err = run_cli(
+        capsys, "export", "--checkpoint", checkpoint, "--format", "onnx", "--output", existing
+    )
+    assert code == 2 and "exists; pass overwrite (--force)" in err
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_cli_exports_onnx_that_onnxruntime_runs(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from sdetr.detector.checkpoint import load_model_weights
+    from sdetr.detector.export import onnxruntime_session
+
+    out = tmp_path / "m.onnx"
+    args = ["--format", "onnx", "--rho", "0.3", "--input", "128x192", "--output", out]
+    code, stdout, _ = run_cli(capsys, "export", "--checkpoint", checkpoint, *args)
+    assert code == 0 and str(out) in stdout and "rho 0.3" in stdout
+    model = build_model(get_preset("tiny_sparse_detr_rho_0.1", SMALL).model)
+    load_model_weights(model, checkpoint)
+    model.set_rho(0.3)
+    x = torch.randn(1, 3, 192, 256)
+    with torch.no_grad():
+        want = InferenceModel(model).eval()(x)
+    got = onnxruntime_session(out, threads=2).run(None, {"images": x.numpy()})
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-4, rtol=0)

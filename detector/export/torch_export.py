@@ -22,8 +22,8 @@ from sdetr.detector.export.common import (
 )
 
 DATA_DEPENDENT_HINT = (
-    "torch.export cannot trace this model: it reads the feature-level sizes back from a tensor "
-    "(spatial_shapes.tolist()), which torch.export sees as data-dependent values"
+    "torch.export cannot trace this model: a value it needs as a size is read back from a tensor "
+    "(data-dependent); the detector carries the level sizes as Python ints, so this is a bug"
 )
 
 

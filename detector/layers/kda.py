@@ -24,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdetr.detector.layers.ms_deform_attn import init_sampling_offsets, sampling_locations
+from sdetr.detector.layers.ms_deform_attn import (
+    LevelShapes,
+    init_sampling_offsets,
+    level_sizes,
+    sampling_locations,
+)
 
 
 def key_aware_deform_attn(
@@ -33,6 +38,7 @@ def key_aware_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
     sampling_locations: Tensor,
+    level_shapes: LevelShapes | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The KDA core in pure PyTorch (the reference): sample keys and values, weigh the samples by
     softmax(q·k / √d) per head.
@@ -43,20 +49,21 @@ def key_aware_deform_attn(
         value: [N, S, M, D] projected values of all levels, flattened and concatenated (S = sum H_l·W_l).
         spatial_shapes: long [L, 2], (H_l, W_l) per level.
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1] of each level.
+        level_shapes: the (H_l, W_l) as Python ints (see `level_sizes`); None: from ``spatial_shapes``.
 
     Returns:
         output [N, Lq, M·D] and the attention weights [N, Lq, M, L, P] (softmax over L·P).
     """
     n, _, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    shapes = level_sizes(spatial_shapes, level_shapes)
     # Keys and values share the sampling locations: sample them in one grid_sample per level.
     maps = value if key is None else torch.cat([key, value], dim=-1)
     c = maps.shape[-1]
     grids = 2 * sampling_locations - 1
     sampled = []
-    for lvl, level in enumerate(maps.split(sizes, dim=1)):
-        h, w = (int(x) for x in spatial_shapes[lvl].tolist())
+    for lvl, level in enumerate(maps.split([h * w for h, w in shapes], dim=1)):
+        h, w = shapes[lvl]
         # [N, H*W, M, C] -> [N*M, C, H, W]
         kv = level.permute(0, 2, 3, 1).reshape(n * m, c, h, w)
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
@@ -81,6 +88,7 @@ def kda(
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     sampling_locations: Tensor,
+    level_shapes: LevelShapes | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Dispatch to the compiled op when it is available, else to the PyTorch reference (same shapes as
     `key_aware_deform_attn`)."""
@@ -91,7 +99,7 @@ def kda(
             query, value, key, spatial_shapes, level_start_index, sampling_locations
         )
         return out, weights
-    return key_aware_deform_attn(query, key, value, spatial_shapes, sampling_locations)
+    return key_aware_deform_attn(query, key, value, spatial_shapes, sampling_locations, level_shapes)
 
 
 class KeyAwareDeformAttn(nn.Module):
@@ -151,6 +159,7 @@ class KeyAwareDeformAttn(nn.Module):
         input_spatial_shapes: Tensor,
         input_level_start_index: Tensor,
         input_padding_mask: Tensor | None = None,
+        level_shapes: LevelShapes | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """
         Args:
@@ -160,6 +169,7 @@ class KeyAwareDeformAttn(nn.Module):
             input_spatial_shapes: long [L, 2]
             input_level_start_index: long [L]
             input_padding_mask: bool [N, S], True at padding (those keys and values are zeroed).
+            level_shapes: the (H_l, W_l) as Python ints (see `level_sizes`); None: from the tensor.
 
         Returns:
             output [N, Lq, C], sampling_locations [N, Lq, M, L, P, 2], attention_weights [N, Lq, M, L, P]
@@ -186,5 +196,6 @@ class KeyAwareDeformAttn(nn.Module):
             input_spatial_shapes,
             input_level_start_index,
             locations,
+            level_shapes,
         )
         return self.output_proj(out), locations, weights

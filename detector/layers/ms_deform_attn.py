@@ -8,10 +8,23 @@ the compiled op from ``csrc/`` is available it is used instead (see `sdetr.detec
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Per-level (H_l, W_l) as Python ints (symbolic under torch.export), next to the `spatial_shapes` tensor.
+LevelShapes = Sequence[tuple[int, int]]
+
+
+def level_sizes(spatial_shapes: Tensor, level_shapes: LevelShapes | None = None) -> list[tuple[int, int]]:
+    """The per-level (H, W) as Python ints: ``level_shapes`` when given (the model passes them, taken from
+    the feature maps' ``.shape``, which torch.export and the ONNX exporter treat symbolically), else read
+    back from ``spatial_shapes`` (eager callers of the layers; data-dependent under export)."""
+    if level_shapes is not None:
+        return [(h, w) for h, w in level_shapes]
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
 def ms_deform_attn_pytorch(
@@ -20,6 +33,7 @@ def ms_deform_attn_pytorch(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    level_shapes: LevelShapes | None = None,
 ) -> Tensor:
     """Reference implementation.
 
@@ -29,20 +43,21 @@ def ms_deform_attn_pytorch(
         level_start_index: long [L], offset of each level in S (unused here, kept for the op's signature).
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1] of each level.
         attention_weights: [N, Lq, M, L, P], softmax-normalised over L*P.
+        level_shapes: the (H_l, W_l) as Python ints (see `level_sizes`); None: from ``spatial_shapes``.
 
     Returns:
         [N, Lq, M*D]
     """
     n, _, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split(sizes, dim=1)
+    shapes = level_sizes(spatial_shapes, level_shapes)
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1].
     grids = 2 * sampling_locations - 1
     sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes):
         # [N, H*W, M, D] -> [N*M, D, H, W]
-        v = value_per_level[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, int(h), int(w))
+        v = value_per_level[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # -> [N*M, D, Lq, P]
@@ -97,6 +112,7 @@ def ms_deform_attn(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    level_shapes: LevelShapes | None = None,
 ) -> Tensor:
     """Dispatch to the compiled op when it is available, else to the PyTorch reference."""
     from sdetr.detector import ops
@@ -106,7 +122,7 @@ def ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
     return ms_deform_attn_pytorch(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, level_shapes
     )
 
 
@@ -151,6 +167,7 @@ class MSDeformAttn(nn.Module):
         input_spatial_shapes: Tensor,
         input_level_start_index: Tensor,
         input_padding_mask: Tensor | None = None,
+        level_shapes: LevelShapes | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """
         Args:
@@ -160,6 +177,7 @@ class MSDeformAttn(nn.Module):
             input_spatial_shapes: long [L, 2]
             input_level_start_index: long [L]
             input_padding_mask: bool [N, S], True at padding (those values are zeroed).
+            level_shapes: the (H_l, W_l) as Python ints (see `level_sizes`); None: from the tensor.
 
         Returns:
             output [N, Lq, C], sampling_locations [N, Lq, M, L, P, 2], attention_weights [N, Lq, M, L, P]
@@ -174,5 +192,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         locations = sampling_locations(reference_points, offsets, input_spatial_shapes)
-        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        output = ms_deform_attn(
+            value, input_spatial_shapes, input_level_start_index, locations, weights, level_shapes
+        )
         return self.output_proj(output), locations, weights

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from sdetr.detector.layers.common import activation_fn, clones, inverse_sigmoid
 from sdetr.detector.layers.kda import KeyAwareDeformAttn
-from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
+from sdetr.detector.layers.ms_deform_attn import LevelShapes, MSDeformAttn
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -49,6 +49,7 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         memory_padding_mask: Tensor | None,
+        level_shapes: LevelShapes | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """
         Args:
@@ -62,7 +63,13 @@ class DeformableDecoderLayer(nn.Module):
         attn = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attn))
         out, locations, weights = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+            tgt + query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            memory_padding_mask,
+            level_shapes,
         )
         tgt = self.norm1(tgt + self.dropout1(out))
         ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
@@ -94,11 +101,13 @@ class DeformableDecoder(nn.Module):
         valid_ratios: Tensor,
         query_pos: Tensor,
         memory_padding_mask: Tensor | None,
+        level_shapes: LevelShapes | None = None,
     ) -> dict[str, Tensor]:
         """
         Args:
             tgt, query_pos: [N, Q, C]; reference_points: [N, Q, 2] points or [N, Q, 4] boxes (sigmoid space).
             valid_ratios: [N, L, 2]
+            level_shapes: the (H_l, W_l) as Python ints (`level_sizes`); None: from ``spatial_shapes``.
         Returns:
             hs [layers, N, Q, C], references [layers, N, Q, 2|4] (the reference fed to the next layer),
             sampling_locations [N, layers, Q, M, L, P, 2], attn_weights [N, layers, Q, M, L, P]
@@ -119,6 +128,7 @@ class DeformableDecoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 memory_padding_mask,
+                level_shapes,
             )
             locations_all.append(locations)
             weights_all.append(weights)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from sdetr.detector.layers.kda import KeyAwareDeformAttn
-from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
+from sdetr.detector.layers.ms_deform_attn import LevelShapes, MSDeformAttn, level_sizes
 from sdetr.detector.transformer.decoder import DeformableDecoder, DeformableDecoderLayer
 from sdetr.detector.transformer.encoder import DeformableEncoder, DeformableEncoderLayer, gather_tokens
 from sdetr.detector.transformer.scoring import ScoringNetwork
@@ -30,6 +30,14 @@ def valid_ratio(mask: Tensor) -> Tensor:
 def keep_counts(valid_tokens: Tensor, rho: float) -> Tensor:
     """Tokens kept per image: int(valid·ρ)+1 as the official code, never more than the valid tokens."""
     return torch.minimum((valid_tokens * rho).int() + 1, valid_tokens.int()).clamp(min=1)
+
+
+def topk_bound(num_tokens: int, rho: float) -> int:
+    """The batch's top-k count from the token count alone (no data-dependent value), used under
+    torch.export: at least every image's `keep_counts` (those use float32, official; ``int(S·ρ) + 2``
+    covers its rounding), at most S. The encoder writes back only each image's own count of rows, so the
+    extra row or two change nothing but the work; eager runs keep the official max over the images."""
+    return torch.sym_min(torch.sym_int(num_tokens * rho) + 2, num_tokens)
 
 
 class DeformableTransformer(nn.Module):
@@ -127,7 +135,12 @@ class DeformableTransformer(nn.Module):
         return pos.flatten(2)
 
     def encoder_output_proposals(
-        self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor, process_output: bool = True
+        self,
+        memory: Tensor,
+        padding_mask: Tensor,
+        spatial_shapes: Tensor,
+        process_output: bool = True,
+        level_shapes: LevelShapes | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One proposal box per token: its cell centre, side 0.05·2^level (Deformable DETR, appendix A.4).
 
@@ -138,13 +151,14 @@ class DeformableTransformer(nn.Module):
         n = memory.shape[0]
         proposals = []
         start = 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_sizes(spatial_shapes, level_shapes)):
             mask = padding_mask[:, start : start + h * w].view(n, h, w)
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
+            # = torch.linspace(0, h - 1, h) (official), exactly; arange takes a symbolic size under export.
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)
@@ -181,9 +195,12 @@ class DeformableTransformer(nn.Module):
             ],
             1,
         )
-        spatial_shapes = torch.as_tensor(
-            [s.shape[-2:] for s in srcs], dtype=torch.long, device=src_flatten.device
-        )
+        # The level sizes as Python ints (symbolic under torch.export) for everything that needs them as
+        # sizes, and as a tensor for the attention ops' arguments and the sampling offsets' scale.
+        level_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
+        spatial_shapes = torch.tensor(
+            [v for hw in level_shapes for v in hw], dtype=torch.long, device=src_flatten.device
+        ).view(-1, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         out: dict[str, Tensor | list[Tensor] | None] = {
@@ -197,11 +214,14 @@ class DeformableTransformer(nn.Module):
         topk_inds = sparse_token_nums = backbone_proposals = None
         if sparse or self.use_enc_aux_loss:
             backbone_memory, backbone_proposals, valid_tokens = self.encoder_output_proposals(
-                src_flatten + lvl_pos, mask_flatten, spatial_shapes, process_output=sparse
+                src_flatten + lvl_pos, mask_flatten, spatial_shapes, sparse, level_shapes
             )
         if sparse:
             sparse_token_nums = keep_counts(valid_tokens, self.rho)
-            k = min(int(sparse_token_nums.max()), src_flatten.shape[1])
+            if torch.compiler.is_exporting():
+                k = topk_bound(src_flatten.shape[1], self.rho)
+            else:
+                k = min(int(sparse_token_nums.max()), src_flatten.shape[1])
             scores = self.enc_mask_predictor(backbone_memory).squeeze(-1)
             # The returned prediction keeps the official padding fill (the DAM loss sees it); selection
             # uses -inf so padding is never chosen.
@@ -220,6 +240,7 @@ class DeformableTransformer(nn.Module):
             topk_inds=topk_inds,
             sparse_token_nums=sparse_token_nums,
             output_proposals=backbone_proposals if self.use_enc_aux_loss else None,
+            level_shapes=level_shapes,
         )
         memory = enc["memory"]
         if "sampling_locations" in enc:  # the Deformable DETR encoder's; not Lite DETR's
@@ -233,7 +254,7 @@ class DeformableTransformer(nn.Module):
         n, _, c = memory.shape
         if self.two_stage:
             output_memory, output_proposals, _ = self.encoder_output_proposals(
-                memory, mask_flatten, spatial_shapes
+                memory, mask_flatten, spatial_shapes, level_shapes=level_shapes
             )
             head = self.decoder.num_layers
             enc_class = self.decoder.class_embed[head](output_memory)
@@ -242,7 +263,7 @@ class DeformableTransformer(nn.Module):
             out["enc_outputs_coord_unact"] = enc_coord_unact
             # Efficient DETR's class-specific head ranks by the best class; plain two-stage by class 0.
             fg_score = enc_class.max(-1).values if self.eff_specific_head else enc_class[..., 0]
-            topk = min(self.two_stage_num_proposals, fg_score.shape[1])
+            topk = torch.sym_min(self.two_stage_num_proposals, fg_score.shape[1])
             topk_proposals = torch.topk(fg_score, topk, dim=1)[1]
             topk_coords_unact = gather_tokens(enc_coord_unact, topk_proposals).detach()
             reference_points = topk_coords_unact.sigmoid()
@@ -267,6 +288,7 @@ class DeformableTransformer(nn.Module):
             valid_ratios,
             query_pos,
             mask_flatten,
+            level_shapes,
         )
         out["hs"] = dec["hs"]
         out["init_reference"] = reference_points

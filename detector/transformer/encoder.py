@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sdetr.detector.layers.common import activation_fn, clones
-from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
+from sdetr.detector.layers.ms_deform_attn import LevelShapes, MSDeformAttn, level_sizes
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -47,6 +47,7 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Tensor | None,
+        level_shapes: LevelShapes | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """
         Args:
@@ -58,7 +59,7 @@ class DeformableEncoderLayer(nn.Module):
             updated query [N, Lq, C], sampling locations, attention weights.
         """
         out, locations, weights = self.self_attn(
-            query + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+            query + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask, level_shapes
         )
         query = self.norm1(query + self.dropout1(out))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(query))))
@@ -66,21 +67,26 @@ class DeformableEncoderLayer(nn.Module):
         return query, locations, weights
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(
+    spatial_shapes: Tensor, valid_ratios: Tensor, level_shapes: LevelShapes | None = None
+) -> Tensor:
     """Each token's own centre, normalised to the valid (unpadded) area, seen from every level.
 
     Args:
         spatial_shapes: long [L, 2]
         valid_ratios: [N, L, 2] (w, h) fraction of each level that is not padding.
+        level_shapes: the (H_l, W_l) as Python ints (see `level_sizes`); None: from ``spatial_shapes``.
     Returns:
         [N, S, L, 2]
     """
     points = []
     device = valid_ratios.device
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_sizes(spatial_shapes, level_shapes)):
+        # = torch.linspace(0.5, h - 0.5, h) (official), exactly (step 1); arange takes a symbolic size
+        # under torch.export.
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -122,6 +128,7 @@ class DeformableEncoder(nn.Module):
         topk_inds: Tensor | None = None,
         sparse_token_nums: Tensor | None = None,
         output_proposals: Tensor | None = None,
+        level_shapes: LevelShapes | None = None,
     ) -> dict[str, Tensor | list[Tensor]]:
         """
         Args:
@@ -129,12 +136,14 @@ class DeformableEncoder(nn.Module):
             topk_inds: long [N, k] kept tokens per image (sparse mode) or None (dense).
             sparse_token_nums: long [N], how many of each image's k indices are really kept.
             output_proposals: [N, S, 4] unsigmoided proposal boxes (needed for the aux heads).
+            level_shapes: the (H_l, W_l) as Python ints (see `level_sizes`); None: from ``spatial_shapes``.
         Returns:
             dict with memory [N, S, C], sampling_locations [N, layers, Lq, M, L, P, 2],
             attn_weights [N, layers, Lq, M, L, P], and aux_class / aux_boxes lists (aux heads).
         """
         output = src
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        level_shapes = level_sizes(spatial_shapes, level_shapes)
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios, level_shapes)
         sparse = topk_inds is not None
         if sparse:
             reference_points = gather_tokens(reference_points, topk_inds)
@@ -148,21 +157,18 @@ class DeformableEncoder(nn.Module):
                 # written back: they point to duplicates or padding for that image.
                 k = topk_inds.shape[1]
                 keep = torch.arange(k, device=src.device)[None] < sparse_token_nums[:, None]
+        attn_args = (spatial_shapes, level_start_index, padding_mask, level_shapes)
         locations_all, weights_all, aux_class, aux_boxes = [], [], [], []
         for lid, layer in enumerate(self.layers):
             if sparse:
-                query, locations, weights = layer(
-                    query, pos, reference_points, output, spatial_shapes, level_start_index, padding_mask
-                )
+                query, locations, weights = layer(query, pos, reference_points, output, *attn_args)
                 if sparse_token_nums is None:
                     output = output.scatter(1, scatter_index, query)
                 else:
                     current = torch.gather(output, 1, scatter_index)
                     output = output.scatter(1, scatter_index, torch.where(keep[..., None], query, current))
             else:
-                output, locations, weights = layer(
-                    output, pos, reference_points, output, spatial_shapes, level_start_index, padding_mask
-                )
+                output, locations, weights = layer(output, pos, reference_points, output, *attn_args)
                 query = output
             locations_all.append(locations)
             weights_all.append(weights)

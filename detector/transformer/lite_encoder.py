@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from sdetr.detector.errors import ConfigError
 from sdetr.detector.layers.common import activation_fn
 from sdetr.detector.layers.kda import KeyAwareDeformAttn
-from sdetr.detector.layers.ms_deform_attn import MSDeformAttn
+from sdetr.detector.layers.ms_deform_attn import LevelShapes, MSDeformAttn, level_sizes
 from sdetr.detector.transformer.encoder import encoder_reference_points
 from sdetr.detector.transformer.lite_layout import ALL, HIGH, LiteLayout, parse_lite_layout
 
@@ -96,6 +96,7 @@ class LiteEncoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Tensor | None,
+        level_shapes: LevelShapes | None = None,
         low_tokens: int = 0,
     ) -> Tensor:
         """
@@ -103,12 +104,13 @@ class LiteEncoderLayer(nn.Module):
             query: [N, Lq, C] the tokens this layer updates; pos: [N, Lq, C] their position embedding.
             reference_points: [N, Lq, L, 2]
             src: [N, S, C] all tokens (keys and values).
+            level_shapes: the (H_l, W_l) as Python ints (`level_sizes`); None: from ``spatial_shapes``.
             low_tokens: the first ``low_tokens`` queries take the low-level feed-forward layer (if any).
         Returns:
             the updated query tokens [N, Lq, C].
         """
         out = self.self_attn(
-            query + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+            query + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask, level_shapes
         )[0]
         query = self.norm1(query + self.dropout1(out))
         if self.small_expand and low_tokens > 0:
@@ -178,21 +180,26 @@ class LiteEncoder(nn.Module):
         topk_inds: Tensor | None = None,
         sparse_token_nums: Tensor | None = None,
         output_proposals: Tensor | None = None,
+        level_shapes: LevelShapes | None = None,
     ) -> dict[str, Tensor]:
         """
         Args:
             src, pos: [N, S, C] tokens of all levels, finest level first; padding_mask: bool [N, S].
             spatial_shapes: long [L, 2]; level_start_index: long [L]; valid_ratios: [N, L, 2].
             topk_inds, sparse_token_nums, output_proposals: Sparse DETR's; must be None here.
+            level_shapes: the (H_l, W_l) as Python ints (`level_sizes`); None: from ``spatial_shapes``.
         Returns:
             {"memory": [N, S, C]}
         """
         if topk_inds is not None or output_proposals is not None:
             raise ValueError("LiteEncoder: token sparsification and encoder aux heads are not supported")
         # Low-level tokens are the first `split` (the finest levels come first in the flattening).
-        split = int(level_start_index[self.layout.low_levels])
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
-        args = (spatial_shapes, level_start_index, padding_mask)
+        # Counted from the level sizes (Python ints), not read from level_start_index: no data-dependent
+        # value under torch.export.
+        level_shapes = level_sizes(spatial_shapes, level_shapes)
+        split = sum(h * w for h, w in level_shapes[: self.layout.low_levels])
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios, level_shapes)
+        args = (spatial_shapes, level_start_index, padding_mask, level_shapes)
         tokens = src
         for kind, layer in zip(self.schedule, self.layers):
             if kind == HIGH:

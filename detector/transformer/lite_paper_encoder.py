@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sdetr.detector.layers.ms_deform_attn import LevelShapes, level_sizes
 from sdetr.detector.transformer.encoder import encoder_reference_points
 from sdetr.detector.transformer.lite_encoder import LiteEncoderLayer, check_levels
 from sdetr.detector.transformer.lite_layout import LiteLayout, parse_lite_layout
@@ -86,16 +87,18 @@ class PaperTextLiteEncoder(nn.Module):
         topk_inds: Tensor | None = None,
         sparse_token_nums: Tensor | None = None,
         output_proposals: Tensor | None = None,
+        level_shapes: LevelShapes | None = None,
     ) -> dict[str, Tensor]:
         """As `LiteEncoder.forward`: src, pos [N, S, C] finest level first -> {"memory": [N, S, C]}."""
         if topk_inds is not None or output_proposals is not None:
             raise ValueError("LiteEncoder: token sparsification and encoder aux heads are not supported")
-        split = int(level_start_index[self.layout.low_levels])
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        level_shapes = level_sizes(spatial_shapes, level_shapes)
+        split = sum(h * w for h, w in level_shapes[: self.layout.low_levels])
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios, level_shapes)
         ref_low, ref_high = reference_points[:, :split], reference_points[:, split:]
         pos_low, pos_high = pos[:, :split], pos[:, split:]
         low, high = src[:, :split], src[:, split:]
-        args = (spatial_shapes, level_start_index, padding_mask)
+        args = (spatial_shapes, level_start_index, padding_mask, level_shapes)
         for block in self.blocks:
             for layer in block.high:
                 high = layer(high, pos_high, ref_high, torch.cat([low, high], 1), *args)

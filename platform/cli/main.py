@@ -15,6 +15,7 @@ from sdetr.platform.cli.cost import add_cost_parser
 from sdetr.platform.cli.data import add_data_parser
 from sdetr.platform.cli.doctor import add_doctor_parser
 from sdetr.platform.cli.eval import add_eval_parser
+from sdetr.platform.cli.export import add_export_parser
 from sdetr.platform.cli.model import add_model_parser
 from sdetr.platform.cli.predict import add_predict_parser
 from sdetr.platform.cli.sweep import add_sweep_parsers
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parsers(sub)
     add_eval_parser(sub)
     add_predict_parser(sub)
+    add_export_parser(sub)
     add_doctor_parser(sub)
     return parser
 
