@@ -159,6 +159,11 @@ class TrainConfig:
     # Stop after this many seconds (0 = no limit); the current epoch's checkpoint is still written.
     time_limit_s: float = 0.0
     progress: bool = True
+    # Fine-tuning: initialise a fresh run from this checkpoint (official .pth, sdetr checkpoint or run
+    # folder; detector/finetune.py). Class-dependent layers are re-initialised when the class count
+    # differs, or always with reset_class_heads. Ignored when the run resumes from its own checkpoint.
+    init_from: str = ""
+    reset_class_heads: bool = False
 
 
 @dataclass

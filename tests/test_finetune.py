@@ -198,3 +198,110 @@ def test_category_maps():
         )
     with pytest.raises(DataError, match="not in the category map"):
         sparse.labels([7, 8])
+
+
+# -- through the command line: sdetr train --init-from, sweep files ----------------------------------
+
+CLI_TINY = [
+    "--preset",
+    PRESET,
+    *("--set", "optim.batch_size=2", "--set", "data.train_scales=[128]", "--set", "data.random_crop=false"),
+    *("--set", "data.val_scale=128", "--set", "data.val_max_size=160", "--set", "data.train_max_size=160"),
+    *("--set", "data.num_workers=0", "--set", "train.progress=false", "--set", "model.num_queries=20"),
+]
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    from sdetr.platform.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_finetune_from_a_run_folder_on_three_noncontiguous_classes(pretrained, tmp_path, capsys):
+    """Acceptance: a tiny Sparse DETR trained on the synthetic set (1 epoch, `sdetr train`) is fine-tuned
+    with --init-from on the 3-class set with ids 7, 12, 40; the report is exact and printed once, training
+    runs, num_classes follows the data set, and COCO evaluation sees the classes under their own ids."""
+    from sdetr.platform.training.engine import predict
+
+    root, _ = pretrained
+    base = tmp_path / "base"
+    code, _, err = cli(
+        capsys, "train", *CLI_TINY, "--data", root / "synth", "--epochs", "1", "--output", base
+    )
+    assert code == 0, err
+    run = tmp_path / "ft"
+    code, out, err = cli(
+        capsys,
+        "train",
+        *CLI_TINY,
+        "--data",
+        root / "three",
+        "--epochs",
+        "1",
+        "--output",
+        run,
+        "--init-from",
+        base,
+    )
+    assert code == 0, err
+    source = str(base / "checkpoints" / "checkpoint_epoch0000.pth")
+    n = len(build_model(get_preset(PRESET, [*SMALL, "model.num_classes=3"]).model).state_dict())
+    report = (
+        f"initialised from {source}: {n - 18} tensors loaded, 18 re-initialised, 18 skipped "
+        "(classes: checkpoint 6, model 3)"
+    )
+    assert out.count("initialised from ") == 1 and report in out
+
+    saved = read_checkpoint(run / "checkpoints" / "checkpoint_epoch0000.pth")
+    cmap = CategoryMap.from_dict(saved["categories"])
+    assert (cmap.mode, cmap.label_ids, cmap.names) == ("contiguous", (7, 12, 40), ("disc", "box", "wedge"))
+    assert saved["config"]["model"]["num_classes"] == 3 and saved["config"]["train"]["init_from"] == str(base)
+    assert saved["model"]["class_embed.0.bias"].shape == (3,)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"]) and "AP" in history[0]
+
+    # The trained model's detections, mapped back through the saved map, are scored per original id.
+    cfg = get_preset(PRESET, [f"data.root={root / 'three'}", *SMALL, "model.num_classes=3"])
+    model = build_model(cfg.model)
+    model.load_state_dict(saved["model"])
+    val_set = build_dataset("val", cfg.data, category_map=cmap)
+    loader = DataLoader(val_set, batch_size=2, collate_fn=collate_fn)
+    detections = predict(
+        model, PostProcess(num_select=30), loader, torch.device("cpu"), label_ids=cmap.label_ids
+    )
+    assert {d["category_id"] for d in detections} == {7, 12, 40}
+    assert set(per_category_ap(val_set.coco, detections)) == {7, 12, 40}
+
+
+def test_cli_finetune_bad_input_is_one_line(pretrained, tmp_path, capsys):
+    root, ckpt = pretrained
+    data = ["--data", root / "three", "--epochs", "1"]
+    code, _, err = cli(capsys, "train", *CLI_TINY, *data, "--output", tmp_path / "a", "--reset-class-heads")
+    assert code == 2 and "--reset-class-heads needs --init-from" in err
+    code, _, err = cli(capsys, "train", *CLI_TINY, *data, "--init-from", tmp_path / "nothing.pth")
+    assert code == 2 and "not found" in err and "nothing.pth" in err
+    # A Sparse DETR checkpoint into a Deformable DETR: the differing keys, nothing written.
+    other = [a if a != PRESET else "tiny_deformable_detr" for a in CLI_TINY]
+    code, _, err = cli(capsys, "train", *other, *data, "--output", tmp_path / "b", "--init-from", ckpt)
+    assert code == 2 and "another architecture" in err and "transformer.enc_mask_predictor" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_sweep_file_init_from_is_checked_and_reaches_the_trials(pretrained, tmp_path):
+    from sdetr.detector.errors import ConfigError
+    from sdetr.platform.sweeps.load import load_sweep
+
+    _, ckpt = pretrained
+    path = tmp_path / "ft.yaml"
+    path.write_text(f"preset: {PRESET}\nspace: {{model.rho: [0.1, 0.2]}}\ninit_from: {ckpt}\n")
+    spec = load_sweep(path)
+    assert spec.trial_config({"model.rho": 0.2}).train.init_from == str(ckpt)
+    path.write_text(f"preset: {PRESET}\nspace: {{model.rho: [0.1]}}\ninit_from: {tmp_path / 'no.pth'}\n")
+    with pytest.raises(ConfigError, match=r"ft.yaml:3: init_from: .*no.pth: not found"):
+        load_sweep(path)
+    path.write_text(f"preset: {PRESET}\nspace: {{model.rho: [0.1]}}\ninit_from: [1]\n")
+    with pytest.raises(ConfigError, match="init_from: expected the path of a checkpoint"):
+        load_sweep(path)

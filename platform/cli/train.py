@@ -26,6 +26,17 @@ def add_train_parser(sub) -> None:
         action="store_true",
         help="train from scratch when the run folder's checkpoints are all unreadable (overwrites the run)",
     )
+    train.add_argument(
+        "--init-from",
+        help="fine-tune: start from this checkpoint (an official .pth, an sdetr checkpoint or run folder); "
+        "class-dependent layers are re-initialised when the class count differs (sets train.init_from)",
+    )
+    train.add_argument(
+        "--reset-class-heads",
+        action="store_true",
+        help="with --init-from: re-initialise the class-dependent layers even when the class count is the "
+        "same (other categories); sets train.reset_class_heads",
+    )
     add_set_argument(train)
     add_distributed_args(train)
     train.set_defaults(func=cmd_train)
@@ -87,14 +98,53 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
+def num_classes_given(args) -> bool:
+    """Whether the user set model.num_classes (``--set``, or a ``--config`` file, which states it)."""
+    keys = [str(o).split("=", 1)[0].strip() for o in args.overrides]
+    explicit = any(k in ("num_classes", "model.num_classes") for k in keys)
+    return explicit or getattr(args, "config", None) is not None
+
+
+def check_init_from(cfg) -> None:
+    """Load ``train.init_from`` into a CPU copy of the model once, before Ray starts: a checkpoint of
+    another architecture is this process's one-line error, not a worker's failure. The workers load it
+    again (each rank the same) and rank 0 prints the report."""
+    import copy
+
+    from sdetr.detector.build import build_model
+    from sdetr.platform.training.local import init_from_checkpoint
+
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.backbone_weights = "none"
+    init_from_checkpoint(build_model(model_cfg), cfg, log=None)
+
+
 def cmd_train(args) -> int:
+    from sdetr.detector.errors import ConfigError
+
     cfg = load_config(args)
     if args.data is not None:
         cfg.data.root = str(args.data)
     if args.epochs is not None:
         cfg.optim.epochs = args.epochs
+    if args.init_from is not None:
+        if not str(args.init_from).strip():
+            raise ConfigError("--init-from: empty path")
+        if "://" not in str(args.init_from) and not Path(args.init_from).expanduser().exists():
+            raise ConfigError(
+                f"--init-from {args.init_from}: not found (expected an official .pth, an sdetr checkpoint "
+                "or a run folder)"
+            )
+        cfg.train.init_from = str(Path(args.init_from).expanduser().resolve())
+    if args.reset_class_heads:
+        if not cfg.train.init_from:
+            raise ConfigError("--reset-class-heads needs --init-from (the checkpoint to fine-tune)")
+        cfg.train.reset_class_heads = True
     if args.workers is not None:
         from sdetr.platform.training.driver import run
+
+        if cfg.train.init_from:
+            check_init_from(cfg)
 
         summary = run(cfg, options_from_args(args))
         print(f"run folder: {summary['run_dir']}")
@@ -107,6 +157,6 @@ def cmd_train(args) -> int:
         cfg.train.output_dir = str(args.output)
     elif cfg.train.output_dir == "runs/train":
         cfg.train.output_dir = f"runs/{cfg.preset}"
-    train(cfg, restart=args.restart)
+    train(cfg, restart=args.restart, classes_from_data=not num_classes_given(args))
     print(f"run folder: {cfg.train.output_dir}")
     return 0

@@ -29,6 +29,7 @@ from sdetr.platform.sweeps.spec import (
     Dimension,
     SweepSpec,
     max_epochs,
+    parse_init_from,
 )
 
 
@@ -108,6 +109,8 @@ def parse_sweep(data: dict[str, Any], path: str, lines: dict[str, int] | None = 
     _parse_cost(spec, data.get("cost") or {})
     if data.get("checkpoint_every_steps") is not None:
         spec.checkpoint_every_steps = _int(spec, "checkpoint_every_steps", data["checkpoint_every_steps"], 0)
+    if data.get("init_from") is not None:
+        parse_init_from(spec, data["init_from"])
     if data.get("max_failures") is not None:
         spec.max_failures = _int(spec, "max_failures", data["max_failures"], minimum=-1)
     _check_trials(spec)

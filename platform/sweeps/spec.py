@@ -55,6 +55,7 @@ TOP_KEYS = {
     "cost": "{input: [H, W] | val, val_images, fps}",
     "checkpoint_every_steps": "also checkpoint every K steps within an epoch",
     "max_failures": "worker-group restarts per trial",
+    "init_from": "fine-tune every trial from this checkpoint (official .pth, sdetr checkpoint or run folder)",
 }
 SECTION_KEYS = {
     "search": {"algorithm", "num_samples", "seed"},
@@ -105,6 +106,7 @@ class SweepSpec:
     cost_fps: bool = True
     checkpoint_every_steps: int = 0
     max_failures: int = 2
+    init_from: str | None = None  # train.init_from of every trial (absolute)
     lines: dict[str, int] = field(default_factory=dict)  # "resources.workers" -> line
 
     # -- what the trials are ------------------------------------------------------------------
@@ -128,6 +130,8 @@ class SweepSpec:
             cfg.optim.lr_drop = min(cfg.optim.lr_drop, self.epochs)
         if self.data is not None:
             cfg.data.root = self.data
+        if self.init_from is not None:
+            cfg.train.init_from = self.init_from
         return cfg
 
     def num_trials(self) -> int:
@@ -163,6 +167,24 @@ class SweepSpec:
         out.pop("lines")
         out["cost_input"] = list(self.cost_input) if self.cost_input else None
         return out
+
+
+def parse_init_from(spec: SweepSpec, value: Any) -> None:
+    """The sweep's ``init_from``: a checkpoint every trial is fine-tuned from. A local path must exist
+    (made absolute: the trials run in other folders); a URI is checked when a trial reads it."""
+    from pathlib import Path
+
+    if not isinstance(value, str) or not value.strip():
+        raise spec.error("init_from", f"expected the path of a checkpoint or run folder, got {value!r}")
+    if "://" in value:
+        spec.init_from = value
+        return
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise spec.error(
+            "init_from", f"{value}: not found (expected an official .pth, an sdetr checkpoint or run folder)"
+        )
+    spec.init_from = str(path.resolve())
 
 
 def plan_trials(spec: SweepSpec, cluster: dict[str, float]) -> tuple[float, int]:

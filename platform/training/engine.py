@@ -140,9 +140,15 @@ def _to_float(obj: Any) -> Any:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, postprocess: nn.Module, loader: Iterable, device: torch.device, amp: str = "none"
+    model: nn.Module,
+    postprocess: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp: str = "none",
+    label_ids=None,
 ):
-    """Run the model over ``loader``; returns COCO-format detections (a plain, picklable list)."""
+    """Run the model over ``loader``; returns COCO-format detections (a plain, picklable list), labels
+    mapped to category ids through ``label_ids`` (a `CategoryMap`'s; None: label = category id)."""
     model.eval()
     detections: list[dict] = []
     for images, masks, targets in loader:
@@ -152,7 +158,7 @@ def predict(
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocess(_to_float(outputs), orig_sizes)
         by_image = {int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)}
-        detections.extend(results_to_detections(by_image))
+        detections.extend(results_to_detections(by_image, label_ids=label_ids))
     return detections
 
 
@@ -164,10 +170,11 @@ def evaluate(
     device: torch.device,
     image_ids: list[int] | None = None,
     amp: str = "none",
+    label_ids=None,
 ) -> dict[str, float] | None:
     """COCO AP over ``loader``. Under torch.distributed each rank predicts its share and rank 0
     evaluates the gathered detections (other ranks get None)."""
-    detections = predict(model, postprocess, loader, device, amp)
+    detections = predict(model, postprocess, loader, device, amp, label_ids)
     if dist.is_available() and dist.is_initialized():
         gathered: list[list[dict] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, detections)

@@ -53,6 +53,18 @@ def check_categories(dataset, num_classes: int, source: str) -> None:
         )
 
 
+def classes_of_data(cfg: Config) -> int:
+    """The class-head width the training split's category map needs (data/categories.py)."""
+    from sdetr.detector.data.categories import build_category_map
+
+    ann = Path(cfg.data.root) / "annotations" / f"instances_{cfg.data.train_split}.json"
+    try:
+        categories = json.loads(ann.read_text())["categories"]
+        return build_category_map(categories, source=str(ann)).num_classes
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg.model.num_classes  # build_loaders names what is wrong with the data
+
+
 def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoader]:
     data_root = Path(cfg.data.root)
     if not data_root.is_dir():
@@ -61,7 +73,8 @@ def build_loaders(cfg: Config, seed: int) -> tuple[Any, Any, DataLoader, DataLoa
             "(expected the COCO 2017 layout; `sdetr data synth` makes one)"
         )
     train_set = build_dataset("train", cfg.data)
-    val_set = build_dataset("val", cfg.data)
+    # The val split is labelled with the training set's map (a category it lacks is refused).
+    val_set = build_dataset("val", cfg.data, category_map=train_set.category_map)
     for split, dataset in (("train", train_set), ("val", val_set)):
         if len(dataset) == 0:
             raise DataError(f"{dataset.ann_file}: the {split} split has no images")
@@ -109,18 +122,26 @@ def check_images(dataset, split: str, threads: int = 4) -> None:
         )
 
 
-def train(cfg: Config, log=print, restart: bool = False) -> list[dict[str, float]]:
+def train(
+    cfg: Config, log=print, restart: bool = False, classes_from_data: bool = False
+) -> list[dict[str, float]]:
     """Train ``cfg`` on one device; returns the per-epoch metrics (also written to metrics.jsonl).
 
     Running it again on the same run folder with the same config continues from the latest valid
     checkpoint (or does nothing when the run is finished); a different config is refused, and so is a
-    run folder whose checkpoints are all unreadable, unless ``restart``.
+    run folder whose checkpoints are all unreadable, unless ``restart``. ``classes_from_data``: set
+    ``model.num_classes`` to what the training set's category map needs (``sdetr train`` does, unless
+    the value was given). ``train.init_from`` initialises a fresh run (not a resumed one) for fine-tuning.
     """
     check_schedule(cfg)
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / CHECKPOINTS_DIR
     remove_interrupted_writes(out_dir, log)
     existing = resume_checkpoint(ckpt_dir, restart=restart, log=log)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    if classes_from_data:
+        cfg.model.num_classes = max(classes_of_data(cfg), 1)
     if existing:
         changed = config_differences(existing[1].get("config", {}), cfg)
         if changed:
@@ -128,10 +149,11 @@ def train(cfg: Config, log=print, restart: bool = False) -> list[dict[str, float
                 f"{out_dir}: holds a run with a different config ({', '.join(changed[:5])} differ); "
                 "choose another --output to start a new run"
             )
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
     train_set, val_set, train_loader, val_loader = build_loaders(cfg, cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if not existing and cfg.train.init_from:
+        init_from_checkpoint(model, cfg, log)
+    model = model.to(device)
     criterion = build_criterion(cfg.model, cfg.loss).to(device)
     postprocess = PostProcess()
     optimizer, scheduler = build_optimizer(model, cfg.optim, global_batch=cfg.optim.batch_size)
@@ -189,7 +211,15 @@ def train(cfg: Config, log=print, restart: bool = False) -> list[dict[str, float
         out_of_time = deadline is not None and time.monotonic() > deadline
         last = epoch + 1 == cfg.optim.epochs or out_of_time
         if (epoch + 1) % max(cfg.train.eval_every_epochs, 1) == 0 or last:
-            metrics = evaluate(model, postprocess, val_loader, val_set.coco, device, amp=cfg.train.amp)
+            metrics = evaluate(
+                model,
+                postprocess,
+                val_loader,
+                val_set.coco,
+                device,
+                amp=cfg.train.amp,
+                label_ids=train_set.category_map.label_ids,
+            )
             record.update(metrics or {})
         history.append(record)
         save_atomic(
@@ -201,6 +231,8 @@ def train(cfg: Config, log=print, restart: bool = False) -> list[dict[str, float
                 "config": cfg.to_dict(),
                 "history": history,
                 "rng": {"torch": torch.get_rng_state()},
+                # How the labels map back to the data set's category ids (eval, predict, fine-tuning).
+                "categories": train_set.category_map.to_dict(),
             },
             ckpt_dir / single_process_checkpoint_name(epoch),
         )
@@ -211,6 +243,21 @@ def train(cfg: Config, log=print, restart: bool = False) -> list[dict[str, float
             log(f"time limit of {cfg.train.time_limit_s:.0f}s reached after epoch {epoch + 1}")
             break
     return history
+
+
+def init_from_checkpoint(model: torch.nn.Module, cfg: Config, log=print):
+    """Load ``cfg.train.init_from`` (an official ``.pth``, an sdetr checkpoint, a Ray checkpoint or a run
+    folder: its newest readable checkpoint) into the fresh ``model`` for fine-tuning; logs the report."""
+    from sdetr.detector.finetune import load_for_finetuning
+    from sdetr.platform.evaluation.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(cfg.train.init_from, log=log or (lambda _msg: None))
+    report = load_for_finetuning(
+        model, ckpt.state, reset_class_heads=cfg.train.reset_class_heads or None, source=str(ckpt.file)
+    )
+    if log is not None:
+        log(str(report))
+    return report
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -32,6 +32,7 @@ from sdetr.platform.shards.dataset import coco_ground_truth
 from sdetr.platform.shards.reader import iter_epoch
 from sdetr.platform.training.checkpointing import record_event, rng_state, seed_everything
 from sdetr.platform.training.engine import evaluate, train_one_epoch
+from sdetr.platform.training.local import init_from_checkpoint
 from sdetr.platform.training.optim import build_optimizer
 from sdetr.platform.training.pictures import PICTURES_DIR, epoch_dir_name, val_pictures
 from sdetr.platform.training.report import (
@@ -106,7 +107,12 @@ def make_setup(config: dict[str, Any]) -> WorkerSetup:
 def build_modules(setup: WorkerSetup) -> Modules:
     cfg = setup.cfg
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    model = ray.train.torch.prepare_model(build_model(cfg.model))  # to the device; DDP when world > 1
+    model = build_model(cfg.model)
+    if cfg.train.init_from:
+        # Fine-tuning: every rank loads the same checkpoint before DDP wraps the model (a resumed run
+        # then restores its own checkpoint over it); the report is printed once, by rank 0.
+        init_from_checkpoint(model, cfg, log=print if setup.rank == 0 else None)
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     core = model.module if hasattr(model, "module") else model
     optimizer, scheduler = build_optimizer(core, cfg.optim, global_batch=cfg.optim.batch_size * setup.world)
     fp16 = cfg.train.amp == "fp16" and setup.device.type == "cuda"

@@ -135,4 +135,18 @@ def checkpoint_state(setup: WorkerSetup, modules: Modules, progress: Progress, r
         "rng": rng_all,
         "world_size": setup.world,
         "config": setup.cfg.to_dict(),
+        # Shards are labelled with the raw category ids (label = id); the map says so, with the names.
+        "categories": shard_categories(setup.data),
     }
+
+
+def shard_categories(data: str) -> dict[str, Any] | None:
+    """The (raw) category map of a shard folder, as checkpoints store it (``CategoryMap.to_dict()``)."""
+    from sdetr.detector.data.categories import build_category_map
+    from sdetr.platform.shards.manifest import load_manifest
+
+    try:
+        categories = load_manifest(data).get("categories", [])
+    except Exception:  # noqa: BLE001 - the map is informative; training must not stop for it
+        return None
+    return build_category_map(categories, "raw", source=str(data)).to_dict() if categories else None
