@@ -160,6 +160,43 @@ def test_backward_with_more_threads_than_heads(op):
         torch.testing.assert_close(a, b, **GRAD_TOL[torch.float64])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_queries_in_spatial_order(op, threads):
+    """Enough queries that the kernels' spatial visiting order (queries sorted by their mean sampling
+    location) differs from the input order, batch 2, M = 3 heads (not divisible into the thread count's
+    head groups): forward and all three gradients against the reference."""
+    args = make_inputs(2, 3, 32, ((11, 13), (6, 7), (3, 4)), 257, 3, requires_grad=True, seed=3)
+    grad_out = torch.randn(2, 257, 96, dtype=torch.float64)
+    want = _grads(ms_deform_attn_pytorch, args, grad_out)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = _grads(op, args, grad_out)
+    finally:
+        torch.set_num_threads(saved)
+    for name, a, b in zip(("output", "value", "sampling_locations", "attention_weights"), got, want):
+        torch.testing.assert_close(a, b, **GRAD_TOL[torch.float64], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_non_finite_locations(op):
+    """A NaN or infinite sampling location contributes nothing (and gets zero gradients), and does not
+    disturb the visiting order of the other queries."""
+    v, ss, lsi, loc, attn = make_inputs(**CONFIGS["D32"])
+    bad = loc.clone()
+    bad[0, 1, 0, 0, 0, 0] = float("nan")
+    bad[1, 2, 1, 1, 1, 1] = float("inf")
+    bad[0, 0] = float("nan")  # every point of one query: its mean location is NaN
+    keep = attn.clone()
+    keep[0, 1, 0, 0, 0] = 0
+    keep[1, 2, 1, 1, 1] = 0
+    keep[0, 0] = 0
+    torch.testing.assert_close(op(v, ss, lsi, bad, attn), op(v, ss, lsi, loc, keep), **TOL[torch.float64])
+    grad_out = torch.randn(2, 3, 64, dtype=torch.float64)
+    _, g_loc, g_attn = torch.ops.sdetr.ms_deform_attn_backward(grad_out, v, ss, lsi, bad, attn)
+    assert torch.isfinite(g_loc).all() and torch.isfinite(g_attn).all()
+    assert g_attn[0, 0].abs().sum() == 0 and g_loc[0, 1, 0, 0, 0].abs().sum() == 0
+
+
 def test_baseline_isa_matches_avx2(op, monkeypatch):
     args = make_inputs(**CONFIGS["D32"], dtype=torch.float32, requires_grad=True)
     grad_out = torch.randn(2, 3, 64)

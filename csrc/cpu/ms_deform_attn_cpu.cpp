@@ -1,17 +1,25 @@
 // CPU backend of sdetr::ms_deform_attn and its backward.
 //
 // Layout: value is [N, S, M, D], so the D channels of one head at one position are contiguous and
-// consecutive positions of a head are M * D elements apart ("row"). For every sampling point the four
-// bilinear corners and their weights are computed once and reused over the D channels, and the channel
-// loops are contiguous so that the compiler vectorises them (`omp simd`, enabled by -fopenmp-simd).
+// consecutive positions of a head are M * D elements apart ("row"). For each (query, head) row the four
+// bilinear corners and weights of its L * P points are computed in one vectorisable loop (locate_row),
+// one row ahead of the row being summed so that its corners can be prefetched; the channel loops are
+// contiguous so that the compiler vectorises them (`omp simd`, enabled by -fopenmp-simd).
+//
+// Order: the kernels are bound by scattered loads (and, in the backward, read-modify-writes of
+// grad_value) rather than arithmetic, so both passes visit the queries of each batch element in Z order
+// of their mean sampling location (query_order): consecutive queries then touch nearby positions of
+// value and grad_value while those are still in cache. Each output element is computed exactly as
+// before; only grad_value's summation order depends on the visiting order.
 //
 // Parallelism (at::parallel_for):
-//   forward   over (n, q) rows: each row writes only its own output.
-//   backward  over (n, m[, query chunk]) tasks: grad_value[n, :, m, :] is written by one task only, so no
-//             atomics and no per-thread copies of grad_value are needed while N * M >= threads. With
-//             more threads than N * M the queries of each head are split into C chunks, and chunk c > 0
-//             accumulates into its own zeroed buffer (C - 1 extra grad_value-sized buffers), summed at
-//             the end.
+//   forward   over (n, sorted query) rows: each row writes only its own output.
+//   backward  over (n, head group[, query chunk]) tasks: grad_value[n, :, heads of the group, :] is
+//             written by one task only, so no atomics and no per-thread copies of grad_value are needed
+//             while N * M >= threads. With one thread (or N >= threads) a task takes all heads, so each
+//             visited position's whole row is used. With more threads than N * M the queries are split
+//             into C chunks, and chunk c > 0 accumulates into its own zeroed buffer (C - 1 extra
+//             grad_value-sized buffers), summed at the end.
 //
 // ISA: the kernels are instantiated twice on x86 with GCC/Clang, for the baseline ISA and with
 // target("avx2,fma"), and the AVX2 copy is chosen at run time when the CPU has it (never -march=native,
@@ -24,6 +32,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../ms_deform_attn.h"
@@ -43,85 +52,6 @@
 namespace sdetr {
 namespace {
 
-// One sampling point resolved to its four corners, in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1).
-template <typename T>
-struct Corners {
-  int64_t offset[4];  // element offset of each corner's channels from the level's first position
-  T w[4];             // bilinear weights
-  bool valid[4];      // corner inside the map (zeros padding: outside corners contribute nothing)
-  bool any;           // some corner is inside the map
-  bool all;           // all four are
-  T fx, fy;           // fractional position inside the cell
-};
-
-// grid_sample, align_corners=False: pixel x = loc_x * W - 0.5 (pixel centres at (i + 0.5) / W).
-template <typename T>
-SDETR_ALWAYS_INLINE void locate(T lx, T ly, int64_t H, int64_t W, int64_t row, Corners<T>& c) {
-  const T x = lx * static_cast<T>(W) - T(0.5);
-  const T y = ly * static_cast<T>(H) - T(0.5);
-  // Also false for NaN coordinates.
-  c.any = x > T(-1) && y > T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H);
-  if (!c.any) {
-    return;
-  }
-  const T xf = std::floor(x);
-  const T yf = std::floor(y);
-  const int64_t x0 = static_cast<int64_t>(xf);
-  const int64_t y0 = static_cast<int64_t>(yf);
-  const T fx = x - xf;
-  const T fy = y - yf;
-  c.fx = fx;
-  c.fy = fy;
-  const bool vx0 = x0 >= 0, vx1 = x0 + 1 < W, vy0 = y0 >= 0, vy1 = y0 + 1 < H;
-  c.valid[0] = vy0 && vx0;
-  c.valid[1] = vy0 && vx1;
-  c.valid[2] = vy1 && vx0;
-  c.valid[3] = vy1 && vx1;
-  c.all = c.valid[0] && c.valid[1] && c.valid[2] && c.valid[3];
-  c.w[0] = (T(1) - fx) * (T(1) - fy);
-  c.w[1] = fx * (T(1) - fy);
-  c.w[2] = (T(1) - fx) * fy;
-  c.w[3] = fx * fy;
-  const int64_t base = (y0 * W + x0) * row;
-  c.offset[0] = base;
-  c.offset[1] = base + row;
-  c.offset[2] = base + W * row;
-  c.offset[3] = base + (W + 1) * row;
-}
-
-// Prefetches the corners of row `g`'s L * P points in `base` (value, or grad_value for writing): issued one
-// row ahead of the row being summed, so that the scattered corner loads of the next row are in flight
-// while this one computes (without it each point waits for its own loads).
-template <int kWrite, typename T>
-SDETR_ALWAYS_INLINE void prefetch_row(const T* loc, const int64_t* shapes, const int64_t* starts, int64_t L,
-                                      int64_t P, int64_t row, int64_t D, const T* base) {
-#if defined(__GNUC__)
-  const int64_t lines = (D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-    const T* level = base + starts[l] * row;
-    for (int64_t p = 0; p < P; ++p, loc += 2) {
-      const T x = loc[0] * static_cast<T>(W) - T(0.5);
-      const T y = loc[1] * static_cast<T>(H) - T(0.5);
-      if (!(x > T(-1) && y > T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H))) {
-        continue;
-      }
-      // Clamped into the map: a corner outside is not read, its in-map neighbour is.
-      const int64_t x0 = std::max<int64_t>(0, static_cast<int64_t>(std::floor(x)));
-      const int64_t y0 = std::max<int64_t>(0, static_cast<int64_t>(std::floor(y)));
-      const int64_t x1 = std::min<int64_t>(W - 1, x0 + 1), y1 = std::min<int64_t>(H - 1, y0 + 1);
-      const int64_t cells[4] = {y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1};
-      for (int k = 0; k < 4; ++k) {
-        const char* c = reinterpret_cast<const char*>(level + cells[k] * row);
-        for (int64_t j = 0; j < lines; ++j) {
-          __builtin_prefetch(c + 64 * j, kWrite, 3);
-        }
-      }
-    }
-  }
-#endif
-}
-
 template <typename T>
 struct Args {
   const T* value;         // [N, S, M, D]
@@ -133,25 +63,142 @@ struct Args {
   const T* grad_out;      // backward: [N, Lq, M, D]
   T* grad_loc;            // backward: [N, Lq, M, L, P, 2]
   T* grad_attn;           // backward: [N, Lq, M, L, P]
+  const int32_t* order;   // [N, Lq]: the queries of each batch element in processing (spatial) order
   int64_t N, S, M, D, Lq, L, P;
 };
 
-// Forward over rows nq in [begin, end) of the flattened (n, q). kD > 0 fixes D at compile time, so that
-// the accumulator stays in registers.
+// The level geometry of point i = l * P + p of a row (same for every row), as flat arrays so that the
+// per-row corner computation below is one vectorisable loop over the row's L * P points.
+template <typename T>
+struct Geometry {
+  std::vector<T> Wf, Hf;
+  std::vector<int32_t> Wi, Hi;
+  std::vector<int64_t> start;  // first position of the point's level in S
+  explicit Geometry(const Args<T>& a) {
+    const int64_t LP = a.L * a.P;
+    Wf.resize(LP), Hf.resize(LP), Wi.resize(LP), Hi.resize(LP), start.resize(LP);
+    for (int64_t i = 0; i < LP; ++i) {
+      const int64_t l = i / a.P;
+      Hi[i] = static_cast<int32_t>(a.shapes[2 * l]);
+      Wi[i] = static_cast<int32_t>(a.shapes[2 * l + 1]);
+      Hf[i] = static_cast<T>(Hi[i]);
+      Wf[i] = static_cast<T>(Wi[i]);
+      start[i] = a.starts[l];
+    }
+  }
+};
+
+// The four bilinear corners of each of a row's L * P points, in the order (y0, x0), (y0, x1), (y1, x0),
+// (y1, x1). grid_sample, align_corners=False: pixel x = loc_x * W - 0.5 (pixel centres at (i + 0.5) / W);
+// zeros padding: a corner outside the map contributes nothing (bit k of mask clear).
+template <typename T>
+struct RowCorners {
+  std::vector<T> fx, fy, w0, w1, w2, w3;
+  std::vector<int32_t> cell;  // y0 * W + x0 within the level (negative when y0 or x0 is -1)
+  std::vector<int32_t> mask;  // bit k: corner k inside the map; 0: the point contributes nothing
+  explicit RowCorners(int64_t LP) {
+    for (auto* v : {&fx, &fy, &w0, &w1, &w2, &w3}) {
+      v->resize(LP);
+    }
+    cell.resize(LP);
+    mask.resize(LP);
+  }
+};
+
+template <typename T>
+SDETR_ALWAYS_INLINE void locate_row(const T* __restrict__ loc, const Geometry<T>& g, int64_t LP,
+                                    RowCorners<T>& r) {
+  const T* __restrict__ Wf = g.Wf.data();
+  const T* __restrict__ Hf = g.Hf.data();
+  const int32_t* __restrict__ Wi = g.Wi.data();
+  const int32_t* __restrict__ Hi = g.Hi.data();
+  T* __restrict__ fxs = r.fx.data();
+  T* __restrict__ fys = r.fy.data();
+  T* __restrict__ w0 = r.w0.data();
+  T* __restrict__ w1 = r.w1.data();
+  T* __restrict__ w2 = r.w2.data();
+  T* __restrict__ w3 = r.w3.data();
+  int32_t* __restrict__ cell = r.cell.data();
+  int32_t* __restrict__ mask = r.mask.data();
+  SDETR_PRAGMA(omp simd)
+  for (int64_t i = 0; i < LP; ++i) {
+    T x = loc[2 * i] * Wf[i] - T(0.5);
+    T y = loc[2 * i + 1] * Hf[i] - T(0.5);
+    // Also false for NaN coordinates.
+    const bool inside = x > T(-1) && y > T(-1) && x < Wf[i] && y < Hf[i];
+    x = inside ? x : T(0);  // keeps the conversions below defined
+    y = inside ? y : T(0);
+    const T xf = std::floor(x);
+    const T yf = std::floor(y);
+    const T fx = x - xf;
+    const T fy = y - yf;
+    const int32_t x0 = static_cast<int32_t>(xf);
+    const int32_t y0 = static_cast<int32_t>(yf);
+    const int32_t vx0 = x0 >= 0, vx1 = x0 + 1 < Wi[i], vy0 = y0 >= 0, vy1 = y0 + 1 < Hi[i];
+    const int32_t corners = (vy0 & vx0) | ((vy0 & vx1) << 1) | ((vy1 & vx0) << 2) | ((vy1 & vx1) << 3);
+    mask[i] = inside ? corners : 0;
+    cell[i] = y0 * Wi[i] + x0;
+    fxs[i] = fx;
+    fys[i] = fy;
+    w0[i] = (T(1) - fx) * (T(1) - fy);
+    w1[i] = fx * (T(1) - fy);
+    w2[i] = (T(1) - fx) * fy;
+    w3[i] = fx * fy;
+  }
+}
+
+// Prefetches the corners of a located row in `base` (value, or grad_value for writing): issued one row
+// ahead of the row being summed, so that the scattered corner loads of the next row are in flight while
+// this one computes (without it each point waits for its own loads).
+template <int kWrite, typename T>
+SDETR_ALWAYS_INLINE void prefetch_row(const RowCorners<T>& r, const Geometry<T>& g, int64_t LP, int64_t row,
+                                      int64_t D, const T* base) {
+#if defined(__GNUC__)
+  const int64_t lines = (D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  for (int64_t i = 0; i < LP; ++i) {
+    const int32_t mk = r.mask[i];
+    if (mk == 0) {
+      continue;
+    }
+    const int64_t W = g.Wi[i];
+    const int64_t pos = g.start[i] + r.cell[i];
+    const int64_t corner[4] = {pos, pos + 1, pos + W, pos + W + 1};
+    for (int k = 0; k < 4; ++k) {
+      if (mk & (1 << k)) {
+        const char* c = reinterpret_cast<const char*>(base + corner[k] * row);
+        for (int64_t j = 0; j < lines; ++j) {
+          __builtin_prefetch(c + 64 * j, kWrite, 3);
+        }
+      }
+    }
+  }
+#endif
+}
+
+// Forward over positions k in [begin, end) of the flattened (n, sorted query): row nq = n * Lq + order[k].
+// kD > 0 fixes D at compile time, so that the accumulator stays in registers.
 template <typename T, int kD>
 SDETR_ALWAYS_INLINE void forward_rows(const Args<T>& a, int64_t begin, int64_t end) {
   const int64_t D = kD > 0 ? kD : a.D;
-  const int64_t M = a.M, L = a.L, P = a.P, row = M * D;
+  const int64_t M = a.M, LP = a.L * a.P, row = M * D;
+  const Geometry<T> geo(a);
+  RowCorners<T> cur(LP), next(LP);
   T acc_fixed[kD > 0 ? kD : 1];
-  for (int64_t nq = begin; nq < end; ++nq) {
-    const int64_t n = nq / a.Lq;
+  if (begin < end) {
+    const int64_t nq = begin / a.Lq * a.Lq + a.order[begin];
+    locate_row(a.loc + nq * M * LP * 2, geo, LP, cur);
+  }
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t n = k / a.Lq;
+    const int64_t nq = n * a.Lq + a.order[k];
+    const int64_t next_n = (k + 1) / a.Lq;
+    const int64_t next_nq = k + 1 < end ? next_n * a.Lq + a.order[k + 1] : -1;
     for (int64_t m = 0; m < M; ++m) {
-      // The next row (n', q', m') of this chunk: (nq, m + 1), or (nq + 1, 0).
-      const int64_t next = nq * M + m + 1;
-      if (next < end * M) {
-        const int64_t nn = next / M / a.Lq, nm = next % M;
-        prefetch_row<0>(a.loc + next * L * P * 2, a.shapes, a.starts, L, P, row, D,
-                        a.value + nn * a.S * row + nm * D);
+      // Locate the next row of this chunk, (nq, m + 1) or (next query, 0), and prefetch its corners.
+      const int64_t next_row = m + 1 < M ? nq * M + m + 1 : (next_nq >= 0 ? next_nq * M : -1);
+      if (next_row >= 0) {
+        locate_row(a.loc + next_row * LP * 2, geo, LP, next);
+        prefetch_row<0>(next, geo, LP, row, D, a.value + (next_row / M / a.Lq) * a.S * row + (next_row % M) * D);
       }
       T* o = a.out + (nq * M + m) * D;
       T* acc = kD > 0 ? acc_fixed : o;
@@ -160,39 +207,37 @@ SDETR_ALWAYS_INLINE void forward_rows(const Args<T>& a, int64_t begin, int64_t e
         acc[d] = T(0);
       }
       const T* head = a.value + n * a.S * row + m * D;
-      const int64_t pt0 = (nq * M + m) * L * P;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-        const T* level = head + a.starts[l] * row;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t i = pt0 + l * P + p;
-          Corners<T> c;
-          locate(a.loc[2 * i], a.loc[2 * i + 1], H, W, row, c);
-          if (!c.any) {
-            continue;
+      const T* attn = a.attn + (nq * M + m) * LP;
+      for (int64_t i = 0; i < LP; ++i) {
+        const int32_t mk = cur.mask[i];
+        if (mk == 0) {
+          continue;
+        }
+        const T aw = attn[i];
+        const int64_t W = geo.Wi[i];
+        const int64_t off = (geo.start[i] + cur.cell[i]) * row;
+        const T c[4] = {aw * cur.w0[i], aw * cur.w1[i], aw * cur.w2[i], aw * cur.w3[i]};
+        const int64_t offs[4] = {off, off + row, off + W * row, off + (W + 1) * row};
+        if (mk == 15) {
+          const T* __restrict__ v0 = head + offs[0];
+          const T* __restrict__ v1 = head + offs[1];
+          const T* __restrict__ v2 = head + offs[2];
+          const T* __restrict__ v3 = head + offs[3];
+          const T c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+          SDETR_PRAGMA(omp simd)
+          for (int64_t d = 0; d < D; ++d) {
+            acc[d] += c0 * v0[d] + c1 * v1[d] + c2 * v2[d] + c3 * v3[d];
           }
-          const T aw = a.attn[i];
-          if (c.all) {
-            const T* __restrict__ v0 = level + c.offset[0];
-            const T* __restrict__ v1 = level + c.offset[1];
-            const T* __restrict__ v2 = level + c.offset[2];
-            const T* __restrict__ v3 = level + c.offset[3];
-            const T c0 = aw * c.w[0], c1 = aw * c.w[1], c2 = aw * c.w[2], c3 = aw * c.w[3];
+        } else {
+          for (int j = 0; j < 4; ++j) {
+            if (!(mk & (1 << j))) {
+              continue;
+            }
+            const T* __restrict__ v = head + offs[j];
+            const T cj = c[j];
             SDETR_PRAGMA(omp simd)
             for (int64_t d = 0; d < D; ++d) {
-              acc[d] += c0 * v0[d] + c1 * v1[d] + c2 * v2[d] + c3 * v3[d];
-            }
-          } else {
-            for (int k = 0; k < 4; ++k) {
-              if (!c.valid[k]) {
-                continue;
-              }
-              const T* __restrict__ v = level + c.offset[k];
-              const T ck = aw * c.w[k];
-              SDETR_PRAGMA(omp simd)
-              for (int64_t d = 0; d < D; ++d) {
-                acc[d] += ck * v[d];
-              }
+              acc[d] += cj * v[d];
             }
           }
         }
@@ -203,96 +248,130 @@ SDETR_ALWAYS_INLINE void forward_rows(const Args<T>& a, int64_t begin, int64_t e
           o[d] = acc[d];
         }
       }
+      std::swap(cur, next);
     }
   }
 }
 
-// Backward for queries [q_begin, q_end) of head m in batch n; grad_value contributions go to gv
-// ([N, S, M, D], zero-initialised, written by this task only).
+// Backward for the sorted queries k in [k_begin, k_end) of batch n, heads [m0, m1); grad_value contributions
+// go to gv ([N, S, M, D], zero-initialised; its heads [m0, m1) of batch n are written by this task only).
 template <typename T, int kD>
-SDETR_ALWAYS_INLINE void backward_task(const Args<T>& a, int64_t n, int64_t m, int64_t q_begin, int64_t q_end,
-                                       T* gv) {
+SDETR_ALWAYS_INLINE void backward_task(const Args<T>& a, int64_t n, int64_t m0, int64_t m1, int64_t k_begin,
+                                       int64_t k_end, T* gv) {
   const int64_t D = kD > 0 ? kD : a.D;
-  const int64_t M = a.M, L = a.L, P = a.P, row = M * D;
-  const T* head = a.value + n * a.S * row + m * D;
-  T* ghead = gv + n * a.S * row + m * D;
-  for (int64_t q = q_begin; q < q_end; ++q) {
-    const int64_t nq = n * a.Lq + q;
-    if (q + 1 < q_end) {
-      const T* next_loc = a.loc + ((nq + 1) * M + m) * L * P * 2;
-      prefetch_row<0>(next_loc, a.shapes, a.starts, L, P, row, D, head);
-      prefetch_row<1>(next_loc, a.shapes, a.starts, L, P, row, D, static_cast<const T*>(ghead));
-    }
-    const T* __restrict__ go = a.grad_out + (nq * M + m) * D;
-    const int64_t pt0 = (nq * M + m) * L * P;
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const T* level = head + a.starts[l] * row;
-      T* glevel = ghead + a.starts[l] * row;
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t i = pt0 + l * P + p;
-        Corners<T> c;
-        locate(a.loc[2 * i], a.loc[2 * i + 1], H, W, row, c);
-        if (!c.any) {
-          a.grad_attn[i] = T(0);
-          a.grad_loc[2 * i] = T(0);
-          a.grad_loc[2 * i + 1] = T(0);
-          continue;
-        }
-        const T aw = a.attn[i];
-        // g[k] = <grad_out, value at corner k>
+  const int64_t M = a.M, LP = a.L * a.P, row = M * D;
+  const T* batch = a.value + n * a.S * row;
+  T* gbatch = gv + n * a.S * row;
+  const Geometry<T> geo(a);
+  RowCorners<T> cur(LP), next(LP);
+  std::vector<T> gbuf(4 * LP);  // <grad_out, value at corner k> of each point
+  T* __restrict__ gk[4] = {gbuf.data(), gbuf.data() + LP, gbuf.data() + 2 * LP, gbuf.data() + 3 * LP};
+  if (k_begin < k_end && m0 < m1) {
+    const int64_t nq = n * a.Lq + a.order[n * a.Lq + k_begin];
+    locate_row(a.loc + (nq * M + m0) * LP * 2, geo, LP, cur);
+  }
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const int64_t nq = n * a.Lq + a.order[n * a.Lq + k];
+    const int64_t next_nq = k + 1 < k_end ? n * a.Lq + a.order[n * a.Lq + k + 1] : -1;
+    for (int64_t m = m0; m < m1; ++m) {
+      // Locate the next (query, head) of this task, (nq, m + 1) or (next query, m0), and prefetch its corners.
+      const int64_t next_row = m + 1 < m1 ? nq * M + m + 1 : (next_nq >= 0 ? next_nq * M + m0 : -1);
+      if (next_row >= 0) {
+        locate_row(a.loc + next_row * LP * 2, geo, LP, next);
+        const int64_t nm = next_row % M;
+        prefetch_row<0>(next, geo, LP, row, D, batch + nm * D);
+        prefetch_row<1>(next, geo, LP, row, D, static_cast<const T*>(gbatch + nm * D));
+      }
+      const T* head = batch + m * D;
+      T* ghead = gbatch + m * D;
+      const int64_t r = nq * M + m;
+      const T* __restrict__ go = a.grad_out + r * D;
+      const T* __restrict__ attn = a.attn + r * LP;
+      for (int64_t i = 0; i < LP; ++i) {
+        const int32_t mk = cur.mask[i];
         T g0 = T(0), g1 = T(0), g2 = T(0), g3 = T(0);
-        if (c.all) {
-          const T* __restrict__ v0 = level + c.offset[0];
-          const T* __restrict__ v1 = level + c.offset[1];
-          const T* __restrict__ v2 = level + c.offset[2];
-          const T* __restrict__ v3 = level + c.offset[3];
-          T* __restrict__ gv0 = glevel + c.offset[0];
-          T* __restrict__ gv1 = glevel + c.offset[1];
-          T* __restrict__ gv2 = glevel + c.offset[2];
-          T* __restrict__ gv3 = glevel + c.offset[3];
-          const T c0 = aw * c.w[0], c1 = aw * c.w[1], c2 = aw * c.w[2], c3 = aw * c.w[3];
-          SDETR_PRAGMA(omp simd reduction(+ : g0, g1, g2, g3))
-          for (int64_t d = 0; d < D; ++d) {
-            const T gd = go[d];
-            g0 += gd * v0[d];
-            g1 += gd * v1[d];
-            g2 += gd * v2[d];
-            g3 += gd * v3[d];
-            gv0[d] += c0 * gd;
-            gv1[d] += c1 * gd;
-            gv2[d] += c2 * gd;
-            gv3[d] += c3 * gd;
-          }
-        } else {
-          T g[4] = {T(0), T(0), T(0), T(0)};
-          for (int k = 0; k < 4; ++k) {
-            if (!c.valid[k]) {
-              continue;
-            }
-            const T* __restrict__ v = level + c.offset[k];
-            T* __restrict__ gvk = glevel + c.offset[k];
-            const T ck = aw * c.w[k];
-            T gk = T(0);
-            SDETR_PRAGMA(omp simd reduction(+ : gk))
+        if (mk != 0) {
+          const T aw = attn[i];
+          const int64_t W = geo.Wi[i];
+          const int64_t off = (geo.start[i] + cur.cell[i]) * row;
+          const int64_t offs[4] = {off, off + row, off + W * row, off + (W + 1) * row};
+          const T c[4] = {aw * cur.w0[i], aw * cur.w1[i], aw * cur.w2[i], aw * cur.w3[i]};
+          if (mk == 15) {
+            const T* __restrict__ v0 = head + offs[0];
+            const T* __restrict__ v1 = head + offs[1];
+            const T* __restrict__ v2 = head + offs[2];
+            const T* __restrict__ v3 = head + offs[3];
+            T* __restrict__ gv0 = ghead + offs[0];
+            T* __restrict__ gv1 = ghead + offs[1];
+            T* __restrict__ gv2 = ghead + offs[2];
+            T* __restrict__ gv3 = ghead + offs[3];
+            const T c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+            SDETR_PRAGMA(omp simd reduction(+ : g0, g1, g2, g3))
             for (int64_t d = 0; d < D; ++d) {
               const T gd = go[d];
-              gk += gd * v[d];
-              gvk[d] += ck * gd;
+              g0 += gd * v0[d];
+              g1 += gd * v1[d];
+              g2 += gd * v2[d];
+              g3 += gd * v3[d];
+              gv0[d] += c0 * gd;
+              gv1[d] += c1 * gd;
+              gv2[d] += c2 * gd;
+              gv3[d] += c3 * gd;
             }
-            g[k] = gk;
+          } else {
+            T g[4] = {T(0), T(0), T(0), T(0)};
+            for (int j = 0; j < 4; ++j) {
+              if (!(mk & (1 << j))) {
+                continue;
+              }
+              const T* __restrict__ v = head + offs[j];
+              T* __restrict__ gvj = ghead + offs[j];
+              const T cj = c[j];
+              T gj = T(0);
+              SDETR_PRAGMA(omp simd reduction(+ : gj))
+              for (int64_t d = 0; d < D; ++d) {
+                const T gd = go[d];
+                gj += gd * v[d];
+                gvj[d] += cj * gd;
+              }
+              g[j] = gj;
+            }
+            g0 = g[0];
+            g1 = g[1];
+            g2 = g[2];
+            g3 = g[3];
           }
-          g0 = g[0];
-          g1 = g[1];
-          g2 = g[2];
-          g3 = g[3];
         }
-        const T fx = c.fx, fy = c.fy;
-        a.grad_attn[i] = c.w[0] * g0 + c.w[1] * g1 + c.w[2] * g2 + c.w[3] * g3;
-        // d x / d loc_x = W, d y / d loc_y = H.
-        a.grad_loc[2 * i] = aw * static_cast<T>(W) * ((T(1) - fy) * (g1 - g0) + fy * (g3 - g2));
-        a.grad_loc[2 * i + 1] = aw * static_cast<T>(H) * ((T(1) - fx) * (g2 - g0) + fx * (g3 - g1));
+        gk[0][i] = g0;
+        gk[1][i] = g1;
+        gk[2][i] = g2;
+        gk[3][i] = g3;
       }
+      // Gradients of the attention weights and sampling locations of the row's points, in one vectorised
+      // pass; exact zeros for points that contribute nothing.
+      T* __restrict__ gattn = a.grad_attn + r * LP;
+      T* __restrict__ gloc = a.grad_loc + r * LP * 2;
+      const T* __restrict__ fxs = cur.fx.data();
+      const T* __restrict__ fys = cur.fy.data();
+      const T* __restrict__ w0 = cur.w0.data();
+      const T* __restrict__ w1 = cur.w1.data();
+      const T* __restrict__ w2 = cur.w2.data();
+      const T* __restrict__ w3 = cur.w3.data();
+      const int32_t* __restrict__ mask = cur.mask.data();
+      const T* __restrict__ Wf = geo.Wf.data();
+      const T* __restrict__ Hf = geo.Hf.data();
+      SDETR_PRAGMA(omp simd)
+      for (int64_t i = 0; i < LP; ++i) {
+        const T aw = attn[i];
+        const T fx = fxs[i], fy = fys[i];
+        const T g0 = gk[0][i], g1 = gk[1][i], g2 = gk[2][i], g3 = gk[3][i];
+        const bool on = mask[i] != 0;
+        gattn[i] = on ? w0[i] * g0 + w1[i] * g1 + w2[i] * g2 + w3[i] * g3 : T(0);
+        // d x / d loc_x = W, d y / d loc_y = H.
+        gloc[2 * i] = on ? aw * Wf[i] * ((T(1) - fy) * (g1 - g0) + fy * (g3 - g2)) : T(0);
+        gloc[2 * i + 1] = on ? aw * Hf[i] * ((T(1) - fx) * (g2 - g0) + fx * (g3 - g1)) : T(0);
+      }
+      std::swap(cur, next);
     }
   }
 }
@@ -303,8 +382,8 @@ void forward_rows_base(const Args<T>& a, int64_t b, int64_t e) {
   forward_rows<T, kD>(a, b, e);
 }
 template <typename T, int kD>
-void backward_task_base(const Args<T>& a, int64_t n, int64_t m, int64_t qb, int64_t qe, T* gv) {
-  backward_task<T, kD>(a, n, m, qb, qe, gv);
+void backward_task_base(const Args<T>& a, int64_t n, int64_t m0, int64_t m1, int64_t kb, int64_t ke, T* gv) {
+  backward_task<T, kD>(a, n, m0, m1, kb, ke, gv);
 }
 #ifdef SDETR_X86_MULTIVERSION
 template <typename T, int kD>
@@ -312,9 +391,9 @@ __attribute__((target("avx2,fma"))) void forward_rows_avx2(const Args<T>& a, int
   forward_rows<T, kD>(a, b, e);
 }
 template <typename T, int kD>
-__attribute__((target("avx2,fma"))) void backward_task_avx2(const Args<T>& a, int64_t n, int64_t m, int64_t qb,
-                                                              int64_t qe, T* gv) {
-  backward_task<T, kD>(a, n, m, qb, qe, gv);
+__attribute__((target("avx2,fma"))) void backward_task_avx2(const Args<T>& a, int64_t n, int64_t m0, int64_t m1,
+                                                              int64_t kb, int64_t ke, T* gv) {
+  backward_task<T, kD>(a, n, m0, m1, kb, ke, gv);
 }
 #endif
 
@@ -342,7 +421,7 @@ bool use_avx2() {
 template <typename T>
 using ForwardFn = void (*)(const Args<T>&, int64_t, int64_t);
 template <typename T>
-using BackwardFn = void (*)(const Args<T>&, int64_t, int64_t, int64_t, int64_t, T*);
+using BackwardFn = void (*)(const Args<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
 
 template <typename T, int kD>
 ForwardFn<T> pick_forward() {
@@ -364,6 +443,60 @@ BackwardFn<T> pick_backward() {
   return &backward_task_base<T, kD>;
 }
 
+// The queries of each batch element in Z (Morton) order of the mean of their sampling locations on a
+// 64 x 64 grid of the image, so that consecutive queries read (and, in the backward, write) nearby
+// positions of value while they are still in cache. The result does not depend on the order except
+// for the summation order of grad_value. Non-finite means go to the grid's first cell.
+template <typename T>
+at::Tensor query_order(const T* loc, int64_t N, int64_t Lq, int64_t points) {
+  constexpr int kBits = 6;
+  constexpr int64_t kCells = int64_t(1) << (2 * kBits);
+  auto order = at::empty({N, Lq}, at::TensorOptions().dtype(at::kInt));
+  int32_t* out = order.data_ptr<int32_t>();
+  std::vector<uint16_t> keys(static_cast<size_t>(N * Lq));
+  const T inv = T(1) / static_cast<T>(std::max<int64_t>(1, points));
+  at::parallel_for(0, N * Lq, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* xy = loc + r * points * 2;
+      T sx = T(0), sy = T(0);
+      SDETR_PRAGMA(omp simd reduction(+ : sx, sy))
+      for (int64_t i = 0; i < points; ++i) {
+        sx += xy[2 * i];
+        sy += xy[2 * i + 1];
+      }
+      uint32_t cell[2] = {0, 0};
+      const T mean[2] = {sx * inv, sy * inv};
+      for (int j = 0; j < 2; ++j) {
+        const T c = mean[j] * static_cast<T>(1 << kBits);
+        // !(c > 0) also catches NaN.
+        cell[j] = !(c > T(0)) ? 0u : (c >= static_cast<T>((1 << kBits) - 1) ? (1u << kBits) - 1 : static_cast<uint32_t>(c));
+      }
+      uint32_t key = 0;
+      for (int bit = 0; bit < kBits; ++bit) {
+        key |= ((cell[0] >> bit) & 1u) << (2 * bit);
+        key |= ((cell[1] >> bit) & 1u) << (2 * bit + 1);
+      }
+      keys[r] = static_cast<uint16_t>(key);
+    }
+  });
+  std::vector<int32_t> start(kCells + 1);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* kn = keys.data() + n * Lq;
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t q = 0; q < Lq; ++q) {
+      ++start[kn[q] + 1];
+    }
+    for (int64_t c = 0; c < kCells; ++c) {
+      start[c + 1] += start[c];
+    }
+    int32_t* on = out + n * Lq;
+    for (int64_t q = 0; q < Lq; ++q) {
+      on[start[kn[q]]++] = static_cast<int32_t>(q);
+    }
+  }
+  return order;
+}
+
 // Arithmetic type: float for fp16/bf16/fp32 values, double for fp64.
 at::ScalarType compute_type(const at::Tensor& value) {
   return value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -381,8 +514,27 @@ std::pair<at::Tensor, at::Tensor> level_tables(const at::Tensor& spatial_shapes,
     TORCH_CHECK(sh[2 * l] >= 0 && sh[2 * l + 1] >= 0 && st[l] >= 0 && st[l] + sh[2 * l] * sh[2 * l + 1] <= S,
                 "ms_deform_attn: level ", l, " (H=", sh[2 * l], ", W=", sh[2 * l + 1], ", start=", st[l],
                 ") does not fit in value's S=", S);
+    // The kernels index a level's positions with int32 (y * W + x).
+    TORCH_CHECK(sh[2 * l] * sh[2 * l + 1] + sh[2 * l + 1] + 1 < std::numeric_limits<int32_t>::max(),
+                "ms_deform_attn (CPU kernel): level ", l, " (H=", sh[2 * l], ", W=", sh[2 * l + 1],
+                ") has more than 2^31 positions");
   }
   return {shapes, starts};
+}
+
+// A zero-filled contiguous tensor of t's sizes and dtype, cleared with memset in parallel chunks: libc's
+// memset clears large blocks with string stores that do not read the lines first, where ATen's fill_ loads
+// each line before writing it.
+at::Tensor zeros_like_contiguous(const at::Tensor& t) {
+  auto z = at::empty(t.sizes(), t.options());
+  char* base = static_cast<char*>(z.data_ptr());
+  const int64_t bytes = z.numel() * static_cast<int64_t>(z.element_size());
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  at::parallel_for(0, (bytes + kChunk - 1) / kChunk, 1, [&](int64_t b, int64_t e) {
+    const int64_t lo = b * kChunk, hi = std::min(bytes, e * kChunk);
+    std::memset(base + lo, 0, static_cast<size_t>(hi - lo));
+  });
+  return z;
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -418,6 +570,8 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
     a.loc = loc.data_ptr<scalar_t>();
     a.attn = attn.data_ptr<scalar_t>();
     a.out = out.data_ptr<scalar_t>();
+    const at::Tensor order = query_order(a.loc, s.N, s.Lq, s.M * s.L * s.P);
+    a.order = order.data_ptr<int32_t>();
     a.N = s.N;
     a.S = s.S;
     a.M = s.M;
@@ -452,23 +606,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const auto loc = sampling_locations.to(ct).contiguous();
   const auto attn = attention_weights.to(ct).contiguous();
   const auto tables = level_tables(spatial_shapes, level_start_index, s.S);
-  auto grad_value = at::zeros(v.sizes(), v.options());
+  auto grad_value = zeros_like_contiguous(v);
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
   if (grad_attn.numel() > 0 && s.D == 0) {
     grad_loc.zero_();
     grad_attn.zero_();
   } else if (grad_attn.numel() > 0) {
-    // Tasks (n, m, chunk); see the note at the top of the file.
-    const int64_t heads = s.N * s.M;
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    // Tasks (n, head group, chunk); see the note at the top of the file.
+    const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+    const int64_t groups = s.N >= threads ? 1 : std::min<int64_t>(s.M, (threads + s.N - 1) / s.N);
+    const int64_t heads = s.N * groups;
     int64_t chunks = 1;
-    if (heads < threads && !at::in_parallel_region()) {
+    if (heads < threads) {
       chunks = std::min<int64_t>((threads + heads - 1) / heads, std::max<int64_t>(1, s.Lq / 64));
     }
     std::vector<at::Tensor> extra;
     for (int64_t c = 1; c < chunks; ++c) {
-      extra.push_back(at::zeros(v.sizes(), v.options()));
+      extra.push_back(zeros_like_contiguous(v));
     }
     AT_DISPATCH_FLOATING_TYPES(ct, "ms_deform_attn_backward_cpu", [&] {
       Args<scalar_t> a{};
@@ -480,6 +635,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       a.grad_out = go.data_ptr<scalar_t>();
       a.grad_loc = grad_loc.data_ptr<scalar_t>();
       a.grad_attn = grad_attn.data_ptr<scalar_t>();
+      const at::Tensor order = query_order(a.loc, s.N, s.Lq, s.M * s.L * s.P);
+      a.order = order.data_ptr<int32_t>();
       a.N = s.N;
       a.S = s.S;
       a.M = s.M;
@@ -495,10 +652,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       at::parallel_for(0, heads * chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t t = b; t < e; ++t) {
           const int64_t c = t % chunks;
-          const int64_t m = (t / chunks) % s.M;
-          const int64_t n = t / (chunks * s.M);
-          const int64_t q_begin = s.Lq * c / chunks, q_end = s.Lq * (c + 1) / chunks;
-          fn(a, n, m, q_begin, q_end, buffers[c]);
+          const int64_t g = (t / chunks) % groups;
+          const int64_t n = t / (chunks * groups);
+          const int64_t m0 = s.M * g / groups, m1 = s.M * (g + 1) / groups;
+          const int64_t k_begin = s.Lq * c / chunks, k_end = s.Lq * (c + 1) / chunks;
+          fn(a, n, m0, m1, k_begin, k_end, buffers[c]);
         }
       });
     });
