@@ -43,7 +43,7 @@ class SweepContext:
 def epoch_report_callback(
     extra: dict[str, Any],
     epochs: int,
-    folder: Location | None = None,
+    folder: str | None = None,
     label: str = "",
     tracking_uri: str | None = None,
 ):
@@ -252,6 +252,9 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         spec.gpus_per_worker,
         mlflow,
         max_failures=spec.max_failures,
-        callbacks=[epoch_report_callback(extra, cfg.optim.epochs, folder, label, parent.get("tracking_uri"))],
+        # The folder as a string: the callback is pickled to the Train controller, which opens it there.
+        callbacks=[
+            epoch_report_callback(extra, cfg.optim.epochs, folder.uri, label, parent.get("tracking_uri"))
+        ],
     )
     launch(plan)
