@@ -12,6 +12,7 @@ output difference.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -38,12 +39,16 @@ with tempfile.TemporaryDirectory() as tmp:
     path = export_onnx(model, Path(tmp) / "model.onnx", input_hw=sizes[0])
     session = onnxruntime_session(path, threads=args.threads)
     print(f"{args.preset}, {args.threads} threads, {args.repeats} interleaved rounds per size")
+    print(f"load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     for hw in sizes:
         x = torch.randn(1, 3, *hw)
         feed = {"images": x.numpy()}
         with torch.no_grad():
             ref = wrapper(x)
         diff = max(float((torch.from_numpy(a) - b).abs().max()) for a, b in zip(session.run(None, feed), ref))
+        session.run(None, feed)  # warm-up: first-call allocations and kernel selection are not timed
+        with torch.no_grad():
+            wrapper(x)
         times: dict[str, list[float]] = {"eager": [], "onnxruntime": []}
         for r in range(args.repeats):
             order = ("eager", "onnxruntime") if r % 2 == 0 else ("onnxruntime", "eager")
