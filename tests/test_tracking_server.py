@@ -114,7 +114,7 @@ def _sweep_file(data: str, name: str) -> str:
           data.random_crop: false
           data.val_scale: 96
           train.progress: false
-          train.log_every_steps: 2
+          train.log_every_steps: 4
         space:
           model.rho: [0.1, 0.5]
         resources: {{workers: 1, cpus_per_worker: 0.5, max_concurrent: 2}}
