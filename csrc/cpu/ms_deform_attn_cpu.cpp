@@ -254,14 +254,25 @@ SDETR_ALWAYS_INLINE void forward_rows(const Args<T>& a, int64_t begin, int64_t e
 }
 
 // Backward for the sorted queries k in [k_begin, k_end) of batch n, heads [m0, m1); grad_value contributions
-// go to gv ([N, S, M, D], zero-initialised; its heads [m0, m1) of batch n are written by this task only).
+// go to gv ([N, S, M, D]; its heads [m0, m1) of batch n are written by this task only, and are zeroed by it
+// first when zero_first, else zero-initialised by the caller).
 template <typename T, int kD>
 SDETR_ALWAYS_INLINE void backward_task(const Args<T>& a, int64_t n, int64_t m0, int64_t m1, int64_t k_begin,
-                                       int64_t k_end, T* gv) {
+                                       int64_t k_end, T* gv, bool zero_first) {
   const int64_t D = kD > 0 ? kD : a.D;
   const int64_t M = a.M, LP = a.L * a.P, row = M * D;
   const T* batch = a.value + n * a.S * row;
   T* gbatch = gv + n * a.S * row;
+  if (zero_first) {
+    // This task's slice of grad_value, cleared here rather than in a separate pass over all of it.
+    if (m0 == 0 && m1 == M) {
+      std::memset(gbatch, 0, static_cast<size_t>(a.S * row) * sizeof(T));
+    } else {
+      for (int64_t pos = 0; pos < a.S; ++pos) {
+        std::memset(gbatch + pos * row + m0 * D, 0, static_cast<size_t>((m1 - m0) * D) * sizeof(T));
+      }
+    }
+  }
   const Geometry<T> geo(a);
   RowCorners<T> cur(LP), next(LP);
   std::vector<T> gbuf(4 * LP);  // <grad_out, value at corner k> of each point
@@ -382,8 +393,9 @@ void forward_rows_base(const Args<T>& a, int64_t b, int64_t e) {
   forward_rows<T, kD>(a, b, e);
 }
 template <typename T, int kD>
-void backward_task_base(const Args<T>& a, int64_t n, int64_t m0, int64_t m1, int64_t kb, int64_t ke, T* gv) {
-  backward_task<T, kD>(a, n, m0, m1, kb, ke, gv);
+void backward_task_base(const Args<T>& a, int64_t n, int64_t m0, int64_t m1, int64_t kb, int64_t ke, T* gv,
+                        bool zero_first) {
+  backward_task<T, kD>(a, n, m0, m1, kb, ke, gv, zero_first);
 }
 #ifdef SDETR_X86_MULTIVERSION
 template <typename T, int kD>
@@ -392,8 +404,8 @@ __attribute__((target("avx2,fma"))) void forward_rows_avx2(const Args<T>& a, int
 }
 template <typename T, int kD>
 __attribute__((target("avx2,fma"))) void backward_task_avx2(const Args<T>& a, int64_t n, int64_t m0, int64_t m1,
-                                                              int64_t kb, int64_t ke, T* gv) {
-  backward_task<T, kD>(a, n, m0, m1, kb, ke, gv);
+                                                              int64_t kb, int64_t ke, T* gv, bool zero_first) {
+  backward_task<T, kD>(a, n, m0, m1, kb, ke, gv, zero_first);
 }
 #endif
 
@@ -421,7 +433,7 @@ bool use_avx2() {
 template <typename T>
 using ForwardFn = void (*)(const Args<T>&, int64_t, int64_t);
 template <typename T>
-using BackwardFn = void (*)(const Args<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
+using BackwardFn = void (*)(const Args<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, T*, bool);
 
 template <typename T, int kD>
 ForwardFn<T> pick_forward() {
@@ -455,8 +467,9 @@ at::Tensor query_order(const T* loc, int64_t N, int64_t Lq, int64_t points) {
   int32_t* out = order.data_ptr<int32_t>();
   std::vector<uint16_t> keys(static_cast<size_t>(N * Lq));
   const T inv = T(1) / static_cast<T>(std::max<int64_t>(1, points));
-  at::parallel_for(0, N * Lq, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
+  // Serial: cheap (one pass over the locations), and one parallel region less to wait for.
+  {
+    for (int64_t r = 0; r < N * Lq; ++r) {
       const T* xy = loc + r * points * 2;
       T sx = T(0), sy = T(0);
       SDETR_PRAGMA(omp simd reduction(+ : sx, sy))
@@ -478,7 +491,7 @@ at::Tensor query_order(const T* loc, int64_t N, int64_t Lq, int64_t points) {
       }
       keys[r] = static_cast<uint16_t>(key);
     }
-  });
+  }
   std::vector<int32_t> start(kCells + 1);
   for (int64_t n = 0; n < N; ++n) {
     const uint16_t* kn = keys.data() + n * Lq;
@@ -606,10 +619,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const auto loc = sampling_locations.to(ct).contiguous();
   const auto attn = attention_weights.to(ct).contiguous();
   const auto tables = level_tables(spatial_shapes, level_start_index, s.S);
-  auto grad_value = zeros_like_contiguous(v);
+  // Cleared by the backward tasks themselves (each its own slice) when the queries are not split into
+  // chunks; zeroed here otherwise, and where the tasks do not run.
+  auto grad_value = at::empty(v.sizes(), v.options());
+  bool tasks_clear = false;
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
   if (grad_attn.numel() > 0 && s.D == 0) {
+    grad_value.zero_();
     grad_loc.zero_();
     grad_attn.zero_();
   } else if (grad_attn.numel() > 0) {
@@ -620,6 +637,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     int64_t chunks = 1;
     if (heads < threads) {
       chunks = std::min<int64_t>((threads + heads - 1) / heads, std::max<int64_t>(1, s.Lq / 64));
+    }
+    tasks_clear = chunks == 1;
+    if (!tasks_clear) {
+      grad_value = zeros_like_contiguous(v);
     }
     std::vector<at::Tensor> extra;
     for (int64_t c = 1; c < chunks; ++c) {
@@ -656,13 +677,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
           const int64_t n = t / (chunks * groups);
           const int64_t m0 = s.M * g / groups, m1 = s.M * (g + 1) / groups;
           const int64_t k_begin = s.Lq * c / chunks, k_end = s.Lq * (c + 1) / chunks;
-          fn(a, n, m0, m1, k_begin, k_end, buffers[c]);
+          fn(a, n, m0, m1, k_begin, k_end, buffers[c], tasks_clear);
         }
       });
     });
     for (auto& t : extra) {
       grad_value.add_(t);
     }
+  } else {
+    grad_value.zero_();
   }
   return {grad_value.to(value.scalar_type()), grad_loc.to(sampling_locations.scalar_type()),
           grad_attn.to(attention_weights.scalar_type())};
