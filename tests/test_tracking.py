@@ -74,3 +74,19 @@ def test_run_is_created_once_continued_and_never_logs_a_step_twice(tmp_path):
     # A recorded run id that the store does not know starts a new run instead of failing.
     fresh = tracking.start_run(uri, "demo2", previous_run_id="0" * 32, log=lambda *_: None)
     assert not fresh.resumed and fresh.run_id != run.run_id
+
+
+def test_a_store_that_is_away_at_the_end_does_not_fail_a_finished_run(tmp_path):
+    from sdetr.platform.training.driver import mark_run
+
+    uri = tracking.sqlite_uri(tmp_path / "mlflow.db")
+    run = tracking.start_run(uri, "demo")
+    mark_run(run, "FINISHED")
+    assert tracking.client(uri).get_run(run.run_id).info.status == "FINISHED"
+
+    gone = tracking.sqlite_uri(tmp_path / "gone" / "mlflow.db")
+    away = tracking.TrackedRun(gone, run.experiment_id, run.run_id)
+    lines: list[str] = []
+    mark_run(away, "FINISHED", log=lines.append)  # no exception: the training result stands
+    assert len(lines) == 1
+    assert lines[0].startswith(f"warning: could not mark MLflow run {run.run_id} FINISHED"), lines

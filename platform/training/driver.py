@@ -90,12 +90,9 @@ def launch(plan: RunPlan, log=print) -> dict[str, Any]:
     try:
         result = fit(plan, tracked, log)
     except BaseException as exc:
-        if tracked is not None:
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
+        mark_run(tracked, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", log)
         raise
-    if tracked is not None:
-        tracking.finish_run(tracked.tracking_uri, tracked.run_id, "FINISHED")
+    mark_run(tracked, "FINISHED", log)
     checkpoint = result.checkpoint
     return {
         "run_dir": storage.run_dir,
@@ -105,6 +102,22 @@ def launch(plan: RunPlan, log=print) -> dict[str, Any]:
         "mlflow": tracked.to_dict() if tracked else None,
         "data": plan.data_path,
     }
+
+
+def mark_run(tracked, status: str, log=print) -> None:
+    """Set the MLflow run's end status; a tracking server that is away does not fail a finished run."""
+    if tracked is None:
+        return
+    try:
+        tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
+    except Exception as exc:  # the server's client raises several kinds; the training result stands
+        shown = redact(tracked.tracking_uri)
+        text = str(exc).strip().replace(tracked.tracking_uri, shown)
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        log(
+            f"warning: could not mark MLflow run {tracked.run_id} {status} at {shown} ({reason}); "
+            "it shows RUNNING until the run is started again"
+        )
 
 
 def start_tracking(plan: RunPlan, record: dict | None, log=print):
