@@ -173,6 +173,9 @@ def test_bad_sources_are_clear_errors(coco_copy, tmp_path):
         shard_coco(coco_copy, busy, splits=["train"], progress=False)
     with pytest.raises(DataError, match=r"shard size must be a positive integer"):
         shard_coco(coco_copy, tmp_path / "out", shard_size=0, progress=False)
+    with pytest.raises(DataError, match=r"writes a local folder, not s3://bucket/shards; `sdetr data shard"):
+        shard_coco(coco_copy, "s3://bucket/shards", progress=False)
+    assert not Path("s3:").exists()
 
 
 def test_command_line(synth_root, tmp_path, capsys):

@@ -48,6 +48,7 @@ from sdetr.detector.errors import DataError
 from sdetr.platform.layout import TMP_MARK, write_json
 from sdetr.platform.shards.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, load_manifest
 from sdetr.platform.shards.source import file_sha256, read_image_file, source_paths
+from sdetr.platform.storage import is_uri
 
 _MAX_EXAMPLES = 5
 
@@ -149,6 +150,11 @@ def shard_coco(
     root = Path(coco_root)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist; {LAYOUT}")
+    if is_uri(out_dir):  # Path("s3://b/x") would be a local folder named "s3:"
+        raise DataError(
+            f"shard_coco writes a local folder, not {out_dir}; `sdetr data shard --out {out_dir}` shards "
+            "locally and uploads"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a folder")
