@@ -76,3 +76,5 @@ def test_parent_description_and_last_lines():
     assert lines[0].startswith("Open the plot: /x/runs/demo/pareto/pareto.png")
     assert "ui --backend-store-uri sqlite:////x/runs/mlflow.db" in lines[1] and "'demo' (abc)" in lines[1]
     assert lines[-1] == "Trials: sdetr sweep status demo"
+    remote = next_steps("demo", "s3://b/runs/demo/pareto", None, None, storage="s3://b/runs")
+    assert remote[-1] == "Trials: sdetr sweep status demo --storage s3://b/runs"

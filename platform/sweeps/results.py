@@ -193,7 +193,11 @@ def finalize(
             )
         tracked = tracked or {}
         for line in next_steps(
-            sweep.name, f"{sweep}/{PARETO_DIR}", tracked.get("tracking_uri"), tracked.get("run_id")
+            sweep.name,
+            f"{sweep}/{PARETO_DIR}",
+            tracked.get("tracking_uri"),
+            tracked.get("run_id"),
+            storage=sweep.parent().uri,
         ):
             log(line)
     front = [p for p in points if p.on_front]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sdetr.platform.layout import DEFAULT_STORAGE
 from sdetr.platform.pareto import ParetoPoint, label_for
 from sdetr.platform.pareto.files import ap_is_fraction, cells, ordered
 
@@ -93,8 +94,11 @@ def _mlflow_command() -> str:
         return str(exe)
 
 
-def next_steps(name: str, pareto_dir: str, tracking_uri: str | None, parent_run: str | None) -> list[str]:
-    """The last lines of a sweep: the picture to open, MLflow (with this sweep's store) and the status."""
+def next_steps(
+    name: str, pareto_dir: str, tracking_uri: str | None, parent_run: str | None, storage: str | None = None
+) -> list[str]:
+    """The last lines of a sweep: the picture to open, MLflow (with this sweep's store) and the status
+    command (with ``--storage`` where the sweep is not under the default ``./runs``)."""
     out = [f"Open the plot: {pareto_dir}/pareto.png (interactive: {pareto_dir}/pareto.html)"]
     if tracking_uri:
         where = f"parent run '{name}'" + (f" ({parent_run})" if parent_run else "")
@@ -102,5 +106,6 @@ def next_steps(name: str, pareto_dir: str, tracking_uri: str | None, parent_run:
             out.append(f"MLflow: open {tracking_uri}, {where}")
         else:
             out.append(f"MLflow: {_mlflow_command()} ui --backend-store-uri {tracking_uri}  then {where}")
-    out.append(f"Trials: sdetr sweep status {name}")
+    default = storage in (None, DEFAULT_STORAGE, os.path.abspath(DEFAULT_STORAGE))
+    out.append(f"Trials: sdetr sweep status {name}" + ("" if default else f" --storage {storage}"))
     return out
