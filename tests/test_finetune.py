@@ -274,6 +274,20 @@ def test_cli_finetune_from_a_run_folder_on_three_noncontiguous_classes(pretraine
     assert {d["category_id"] for d in detections} == {7, 12, 40}
     assert set(per_category_ap(val_set.coco, detections)) == {7, 12, 40}
 
+    # `sdetr predict` writes the original ids too.
+    image = next((root / "three" / "val2017").iterdir())
+    code, _, err = cli(
+        capsys, "predict", "--checkpoint", run, image, "--threshold", "0", "--out", tmp_path / "p"
+    )
+    assert code == 0, err
+    predicted = json.loads((tmp_path / "p" / "detections.json").read_text())
+    assert predicted and {d["category_id"] for d in predicted} <= {7, 12, 40}
+
+    # `sdetr eval` on a data set with categories the checkpoint does not know: one line, exit 2.
+    code, _, err = cli(capsys, "eval", "--checkpoint", run, "--rho", "0.1", "--data", root / "synth")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "categories 1 (" in err and "are not among the 3 categories" in err
+
 
 def test_cli_finetune_bad_input_is_one_line(pretrained, tmp_path, capsys):
     root, ckpt = pretrained
@@ -305,3 +319,34 @@ def test_sweep_file_init_from_is_checked_and_reaches_the_trials(pretrained, tmp_
     path.write_text(f"preset: {PRESET}\nspace: {{model.rho: [0.1]}}\ninit_from: [1]\n")
     with pytest.raises(ConfigError, match="init_from: expected the path of a checkpoint"):
         load_sweep(path)
+
+
+@pytest.mark.slow
+def test_ray_workers_load_init_from_in_the_model_setup(pretrained, tmp_path, capfd):
+    """--workers: the worker's model set-up loads train.init_from (the report printed once, by rank 0).
+    With lr 0 the trained run's weights are exactly the checkpoint's, except the re-initialised heads."""
+    import ray
+
+    from sdetr.platform.cli.main import main
+
+    root, ckpt = pretrained
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        argv = ["train", *CLI_TINY, "--data", root / "synth", "--epochs", "1", "--workers", "1"]
+        argv += ["--storage", tmp_path, "--name", "ft", "--address", ray.get_runtime_context().gcs_address]
+        argv += ["--init-from", ckpt, "--reset-class-heads", "--mlflow-uri", "none"]
+        argv += ["--set", "optim.lr=0", "--set", "optim.lr_backbone=0", "--set", "train.eval_every_epochs=5"]
+        assert main([str(a) for a in argv]) == 0
+    finally:
+        ray.shutdown()
+    out = capfd.readouterr().out
+    assert out.count("initialised from ") == 1 and "18 re-initialised" in out
+    state = read_checkpoint(next((tmp_path / "ft").glob("checkpoint_epoch*/state.pth")))
+    saved = read_checkpoint(ckpt)["model"]
+    assert state["config"]["train"]["init_from"] == str(ckpt)
+    assert CategoryMap.from_dict(state["categories"]).label_ids == (-1, 1, 2, 3, 4, 5)
+    for k, v in state["model"].items():
+        if "class_embed" in k:
+            assert "bias" not in k or torch.allclose(v, torch.full_like(v, FOCAL_PRIOR_BIAS)), k
+        elif "running_" not in k and "num_batches_tracked" not in k:
+            assert torch.equal(v, saved[k]), k

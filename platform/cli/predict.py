@@ -92,6 +92,7 @@ def cmd_predict(args) -> int:
     from sdetr.detector.checkpoint import load_model_weights
     from sdetr.detector.config import resolve_device
     from sdetr.detector.data import make_transforms
+    from sdetr.detector.data.categories import CategoryMap
     from sdetr.platform.evaluation.checkpoints import load_checkpoint
     from sdetr.platform.layout import write_json
     from sdetr.platform.training.pictures import draw, save_png
@@ -107,6 +108,9 @@ def cmd_predict(args) -> int:
     model_cfg.backbone_weights = "none"  # the checkpoint holds the backbone
     model = build_model(model_cfg)
     load_model_weights(model, ckpt.file)
+    # Labels -> the training set's category ids (a fine-tuned model's 7, 12, 40); none saved: label = id.
+    categories = ckpt.state.get("categories")
+    label_ids = CategoryMap.from_dict(categories).label_ids if isinstance(categories, dict) else None
     del ckpt
     if rho is not None:
         if not hasattr(model, "set_rho"):
@@ -131,7 +135,7 @@ def cmd_predict(args) -> int:
         save_png(pic, out / f"{file.stem}.png")
         written += 1
         detections += coco_detections(
-            dets, image_id, file.name, tensor.shape[-2:], original.size, args.threshold
+            dets, image_id, file.name, tensor.shape[-2:], original.size, args.threshold, label_ids
         )
         print(f"{file}: {int((dets['scores'] >= args.threshold).sum())} detections -> {out / file.stem}.png")
     path = write_json(out / DETECTIONS_FILE, detections, indent=1)
@@ -144,9 +148,10 @@ def cmd_predict(args) -> int:
 
 
 def coco_detections(
-    dets, image_id: int, file_name: str, input_hw, original_wh, threshold: float
+    dets, image_id: int, file_name: str, input_hw, original_wh, threshold: float, label_ids=None
 ) -> list[dict]:
-    """Detections in the input's pixels -> COCO results ([x, y, w, h] in the original image's pixels)."""
+    """Detections in the input's pixels -> COCO results ([x, y, w, h] in the original image's pixels),
+    labels as category ids through ``label_ids`` (a `CategoryMap`'s; None: label = id)."""
     sx = original_wh[0] / input_hw[1]
     sy = original_wh[1] / input_hw[0]
     out = []
@@ -155,6 +160,10 @@ def coco_detections(
     ):
         if score < threshold:
             continue
+        if label_ids is not None:
+            label = label_ids[label] if 0 <= label < len(label_ids) else -1
+            if label < 0:
+                continue  # a label no category of the training set uses
         bbox = [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy]
         out.append(
             {

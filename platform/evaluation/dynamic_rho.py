@@ -41,6 +41,7 @@ from sdetr.detector.checkpoint import load_model_weights
 from sdetr.detector.config import resolve_device
 from sdetr.detector.cost import FIXED_INPUT_HW, FlopReport, count_flops
 from sdetr.detector.data import build_dataset, collate_fn, make_transforms
+from sdetr.detector.data.categories import CategoryMap
 from sdetr.detector.errors import CheckpointError, ConfigError, DataError
 from sdetr.detector.evaluation.coco_eval import METRIC_NAMES, evaluate_detections
 from sdetr.detector.evaluation.postprocess import PostProcess
@@ -94,10 +95,10 @@ def rho_step(rho: float) -> int:
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-def val_dataset(data: str | Path, cfg, val_images: int = 0):
+def val_dataset(data: str | Path, cfg, val_images: int = 0, category_map=None):
     """The val images of a COCO 2017 layout folder or a shard folder (also a URI: ``s3://.../shards``),
     after the val transform of ``cfg.data``; ``val_images`` > 0 keeps the first ones by id (the ground
-    truth too)."""
+    truth too). ``category_map``: the checkpoint's (a COCO folder's category it lacks is refused)."""
     if is_uri(data):
         data = Location(data)
         if not data.is_file(MANIFEST):
@@ -119,7 +120,7 @@ def val_dataset(data: str | Path, cfg, val_images: int = 0):
         data_cfg = copy.deepcopy(cfg.data)
         data_cfg.root = str(data)
         data_cfg.max_val_images = val_images
-        dataset = build_dataset("val", data_cfg)
+        dataset = build_dataset("val", data_cfg, category_map=category_map)
     else:
         raise DataError(
             f"{data}: neither a shard folder (no {MANIFEST}) nor a COCO 2017 layout (no annotations/)"
@@ -218,6 +219,10 @@ def evaluate_rhos(
             f"{file}: an official checkpoint (it stores 'args', not an sdetr config) names no data "
             "set sdetr can read; give --data DIR (COCO 2017 layout)"
         )
+    categories = ckpt.state.get("categories")
+    cmap = CategoryMap.from_dict(categories, str(file)) if isinstance(categories, dict) else None
+    # Raw maps are label = id already; a contiguous one (ids 7, 12, 40 -> labels 0, 1, 2) maps back.
+    mapped = {} if cmap is None or cmap.mode == "raw" else {"label_ids": cmap.label_ids}
     del ckpt  # the weights are loaded below; a full R50 checkpoint holds optimizer state too
     if cfg.model.rho <= 0:
         raise CheckpointError(
@@ -227,7 +232,7 @@ def evaluate_rhos(
     run_record = _read_record(run_dir / RUN_RECORD, log) if run_dir is not None else {}
     mlflow_entry = run_record.get("mlflow") if isinstance(run_record.get("mlflow"), dict) else {}
     data_path = _data_path(data, cfg, run_record)
-    dataset = val_dataset(data_path, cfg, val_images)
+    dataset = val_dataset(data_path, cfg, val_images, cmap)
 
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.backbone_weights = "none"  # the checkpoint holds the backbone: no download, no stale path
@@ -249,7 +254,7 @@ def evaluate_rhos(
         batch = engine.to_device(*batch, dev)  # once for all ρ
         for rho in rhos:
             model.set_rho(rho)
-            detections[rho] += engine.predict(model, postprocess, [batch], dev, amp=cfg.train.amp)
+            detections[rho] += engine.predict(model, postprocess, [batch], dev, amp=cfg.train.amp, **mapped)
         if bar is not None:
             bar.update(1)
     if bar is not None:
