@@ -468,29 +468,28 @@ at::Tensor query_order(const T* loc, int64_t N, int64_t Lq, int64_t points) {
   std::vector<uint16_t> keys(static_cast<size_t>(N * Lq));
   const T inv = T(1) / static_cast<T>(std::max<int64_t>(1, points));
   // Serial: cheap (one pass over the locations), and one parallel region less to wait for.
-  {
-    for (int64_t r = 0; r < N * Lq; ++r) {
-      const T* xy = loc + r * points * 2;
-      T sx = T(0), sy = T(0);
-      SDETR_PRAGMA(omp simd reduction(+ : sx, sy))
-      for (int64_t i = 0; i < points; ++i) {
-        sx += xy[2 * i];
-        sy += xy[2 * i + 1];
-      }
-      uint32_t cell[2] = {0, 0};
-      const T mean[2] = {sx * inv, sy * inv};
-      for (int j = 0; j < 2; ++j) {
-        const T c = mean[j] * static_cast<T>(1 << kBits);
-        // !(c > 0) also catches NaN.
-        cell[j] = !(c > T(0)) ? 0u : (c >= static_cast<T>((1 << kBits) - 1) ? (1u << kBits) - 1 : static_cast<uint32_t>(c));
-      }
-      uint32_t key = 0;
-      for (int bit = 0; bit < kBits; ++bit) {
-        key |= ((cell[0] >> bit) & 1u) << (2 * bit);
-        key |= ((cell[1] >> bit) & 1u) << (2 * bit + 1);
-      }
-      keys[r] = static_cast<uint16_t>(key);
+  for (int64_t r = 0; r < N * Lq; ++r) {
+    const T* xy = loc + r * points * 2;
+    T sx = T(0), sy = T(0);
+    SDETR_PRAGMA(omp simd reduction(+ : sx, sy))
+    for (int64_t i = 0; i < points; ++i) {
+      sx += xy[2 * i];
+      sy += xy[2 * i + 1];
     }
+    uint32_t cell[2] = {0, 0};
+    const T mean[2] = {sx * inv, sy * inv};
+    for (int j = 0; j < 2; ++j) {
+      const T c = mean[j] * static_cast<T>(1 << kBits);
+      // !(c > 0) also catches NaN.
+      const bool top = c >= static_cast<T>((1 << kBits) - 1);
+      cell[j] = !(c > T(0)) ? 0u : (top ? (1u << kBits) - 1 : static_cast<uint32_t>(c));
+    }
+    uint32_t key = 0;
+    for (int bit = 0; bit < kBits; ++bit) {
+      key |= ((cell[0] >> bit) & 1u) << (2 * bit);
+      key |= ((cell[1] >> bit) & 1u) << (2 * bit + 1);
+    }
+    keys[r] = static_cast<uint16_t>(key);
   }
   std::vector<int32_t> start(kCells + 1);
   for (int64_t n = 0; n < N; ++n) {
