@@ -112,8 +112,8 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     "extra, message",
     [
         (["--format", "tflite"], "--format 'tflite': unknown format; expected one of onnx, torch"),
-        (["--format", "onnx", "--rho", "1.5"], "--rho 1.5: expected a number in (0, 1]"),
-        (["--format", "onnx", "--rho", "0"], "--rho 0: expected a number in (0, 1]"),
+        (["--format", "onnx", "--rho", "1.5"], "--rho 1.5: outside (0, 1]"),
+        (["--format", "onnx", "--rho", "0"], "--rho 0: outside (0, 1]"),
         (["--format", "torch", "--input", "100x128"], "--input 100x128: each side must be a multiple of 64"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def add_set_argument(p: argparse.ArgumentParser) -> None:
@@ -27,3 +28,18 @@ def load_config(args):
     if args.preset:
         return get_preset(args.preset, args.overrides)
     return Config.from_yaml(args.config).override(args.overrides)
+
+
+def parse_rho(text: str | None) -> float | None:
+    """``--rho`` as a float in (0, 1], or a ConfigError naming the value."""
+    from sdetr.detector.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        rho = float(text)
+    except ValueError:
+        raise ConfigError(f"--rho {text!r}: not a number; expected a keeping ratio in (0, 1]") from None
+    if not (math.isfinite(rho) and 0.0 < rho <= 1.0):
+        raise ConfigError(f"--rho {text}: outside (0, 1]; ρ is the fraction of encoder tokens kept")
+    return rho

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sdetr.detector.errors import ConfigError
+from sdetr.platform.cli.common import parse_rho
 
 EXTENSIONS = {"onnx": ".onnx", "torch": ".pt2"}
 
@@ -55,18 +56,6 @@ def parse_format(text: str) -> str:
     if fmt not in EXTENSIONS:
         raise ConfigError(f"--format {text!r}: unknown format; expected one of {', '.join(EXTENSIONS)}")
     return fmt
-
-
-def parse_rho(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        rho = float(text)
-    except ValueError:
-        raise ConfigError(f"--rho {text!r}: expected a number in (0, 1]") from None
-    if not 0.0 < rho <= 1.0:
-        raise ConfigError(f"--rho {text}: expected a number in (0, 1] (the fraction of encoder tokens kept)")
-    return rho
 
 
 def parse_input(text: str) -> tuple[int, int]:

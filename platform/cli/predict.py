@@ -13,12 +13,12 @@ plus ``file_name``. An image that cannot be read is reported by name and the oth
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from sdetr.detector.errors import ConfigError, DataError
+from sdetr.platform.cli.common import parse_rho
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DETECTIONS_FILE = "detections.json"
@@ -51,19 +51,6 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu or cuda")
     p.set_defaults(func=cmd_predict)
     return p
-
-
-def parse_rho(text: str | None) -> float | None:
-    """``--rho`` as a float in (0, 1], or a ConfigError naming the value."""
-    if text is None:
-        return None
-    try:
-        rho = float(text)
-    except ValueError:
-        raise ConfigError(f"--rho {text!r}: not a number; expected a keeping ratio in (0, 1]") from None
-    if not (math.isfinite(rho) and 0.0 < rho <= 1.0):
-        raise ConfigError(f"--rho {text}: outside (0, 1]; ρ is the fraction of encoder tokens kept")
-    return rho
 
 
 def image_files(inputs: list[Path], errors: list[str]) -> list[Path]:
