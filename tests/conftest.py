@@ -13,3 +13,27 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _PROCESSES)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# The longest test files first (from CI's --durations). With `--dist loadfile` a file runs in one
+# process; pytest-xdist would otherwise order files by their number of tests, which puts these few long
+# Ray tests last, where one of them runs alone for minutes while the other process idles.
+LONGEST_FIRST = (
+    "test_sweep.py",
+    "test_tracking_server.py",
+    "test_ray_train.py",
+    "test_export.py",
+    "test_sweep_tune.py",
+    "test_finetune.py",
+    "test_ray_data.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
