@@ -112,8 +112,7 @@ def mark_run(tracked, status: str, log=print) -> None:
         tracking.finish_run(tracked.tracking_uri, tracked.run_id, status)
     except Exception as exc:  # the server's client raises several kinds; the training result stands
         shown = redact(tracked.tracking_uri)
-        text = str(exc).strip().replace(tracked.tracking_uri, shown)
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason = short_reason(exc).replace(tracked.tracking_uri, shown)
         log(
             f"warning: could not mark MLflow run {tracked.run_id} {status} at {shown} ({reason}); "
             "it shows RUNNING until the run is started again"
@@ -192,6 +191,7 @@ def lost_worker_at_start(exc: BaseException) -> bool:
 
 
 def short_reason(exc: BaseException) -> str:
+    """The first line of an error (of a Ray Train controller error, the failure it wraps)."""
     text = str(getattr(exc, "controller_failure", exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
