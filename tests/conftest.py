@@ -3,6 +3,13 @@ import os
 import pytest
 import torch
 
+# Ray starts its worker processes at nice 15 (RAY_worker_niceness) so that its own daemons stay
+# responsive; under pytest-xdist they then wait behind the other test process (at nice 0): a worker's
+# `import torch` took 12 s instead of 1.6 s (load 4), and a Ray Train controller looked dead to Ray's
+# own health checks. Every Ray cluster the tests start (ray.init here, `sdetr ...` and `ray start`
+# subprocesses, which inherit this environment) runs its workers at the tests' priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 # Two cores are shared by the test process and anything it starts; keep torch from oversubscribing
 # (one thread per pytest-xdist worker process).
 _PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -9,18 +9,9 @@ import pytest
 
 from sdetr.platform.sweeps.load import load_sweep
 from sdetr.platform.sweeps.tune import tune_config
+from tests.tune_stand_in import EPOCHS, fake_trial
 
 pytestmark = pytest.mark.slow
-EPOCHS = 4
-
-
-def fake_trial(params):
-    """Reports like a sweep trial: AP grows with epochs and ρ, GFLOPs grow with ρ."""
-    from ray import tune
-
-    rho = params["model.rho"]
-    for epoch in range(EPOCHS):
-        tune.report({"AP": rho * (epoch + 1) / EPOCHS, "gflops": 100 + 50 * rho, "epochs_done": epoch + 1})
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +29,13 @@ def run(tmp_path, text: str):
     path = tmp_path / "s.yaml"
     path.write_text(textwrap.dedent(text))
     spec = load_sweep(path)
+    config = tune_config(spec, concurrent=2, sweep_dir=tmp_path / "runs" / "t")
+    # The stand-in keeps no state between trials: one actor process per slot runs them all.
+    config.reuse_actors = True
     tuner = tune.Tuner(
         tune.with_resources(fake_trial, {"CPU": 0.01}),
         param_space=spec.tune_space(),
-        tune_config=tune_config(spec, concurrent=2, sweep_dir=tmp_path / "runs" / "t"),
+        tune_config=config,
         run_config=tune.RunConfig(name="t", storage_path=str(tmp_path / "runs"), verbose=0),
     )
     return spec, tuner.fit()
