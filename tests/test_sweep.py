@@ -189,6 +189,8 @@ def test_sweep_killed_then_resumed(shards, tmp_path):
         capture_output=True, text=True, env=env, timeout=300, start_new_session=True,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
+    # ... and starts no Ray cluster to find that out.
+    assert "has finished" in again.stdout and "Started a local Ray" not in again.stdout + again.stderr
     assert len(client.search_runs([exp.experiment_id], max_results=100)) == 1 + len(RHOS)
     assert epochs_done(sweep_dir) == {t: 2 for t in trial_ids}
 

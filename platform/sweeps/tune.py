@@ -36,6 +36,7 @@ from sdetr.platform.layout import (
     SPEC_FILE,
     SWEEP_RECORD,
     TIME_ATTR,
+    TRIAL_STATES_FILE,
 )
 from sdetr.platform.resources import TRIAL_DRIVER_CPUS, cluster_resources
 from sdetr.platform.shards.dataset import check_shards
@@ -86,6 +87,12 @@ def run_sweep(
     uri = tracking.resolve_tracking_uri(mlflow_uri if mlflow_uri is not None else spec.mlflow_uri, root.local)
     if uri is not None:
         check_tracking_uri(uri)
+    if _nothing_left(sweep, record, spec):
+        # Tune would restore the experiment (a Ray cluster, the trial table) only to find every trial
+        # done: redraw the front and refresh MLflow's marks instead.
+        log(f"sweep {sweep} has finished: every trial completed or was stopped by its scheduler")
+        summary = finalize(sweep, log=log, tracking_uri=uri)
+        return {"sweep_dir": str(sweep), "status": "finished", "mlflow": record.get("mlflow"), **summary}
 
     # Everything a user can get wrong, before a single trial starts.
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -194,6 +201,15 @@ def run_sweep(
         "mlflow": saved_mlflow,
         **summary,
     }
+
+
+def _nothing_left(sweep: Location, record: dict | None, spec: SweepSpec) -> bool:
+    """The saved sweep finished with every trial completed or stopped early (none errored or pending)."""
+    if not record or record.get("status") != "finished":
+        return False
+    states = sweep.read_json(TRIAL_STATES_FILE) or {}
+    ended = ("completed", "stopped_early")
+    return len(states) >= spec.num_trials() and all(state in ended for state in states.values())
 
 
 def _saved_spec(spec: SweepSpec) -> dict[str, Any]:
