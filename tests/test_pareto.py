@@ -293,6 +293,32 @@ def test_png_is_a_png(tmp_path):
         assert data[:8] == PNG_MAGIC
 
 
+def test_png_labels_of_close_points_do_not_overlap():
+    """A dynamic-ρ curve puts points a few pixels apart (the demo's ρ=0.05 and ρ=0.2 labels were drawn
+    over each other); each label goes where it overlaps no other label and no marker."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sdetr.platform.pareto.plot import place_labels
+
+    fig = Figure(figsize=(8.0, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xy = [(1.00, 30.0), (1.01, 30.1), (1.02, 30.0), (1.015, 29.9), (2.0, 35.0)]
+    ax.scatter(*zip(*xy))
+    ax.set_xlim(0.9, 2.1)
+    ax.set_ylim(25, 40)
+    labels = [(f"Sparse ρ={r} (dyn)", x, y, False) for r, (x, y) in zip((0.05, 0.1, 0.2, 0.3, 0.5), xy)]
+    annotations = place_labels(ax, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(renderer) for a in annotations]
+    assert [a.get_text() for a in annotations] == [t for t, *_ in labels]
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+    # Far from the cluster, a label keeps the default place: right of and above its point.
+    x, y = ax.transData.transform(xy[-1])
+    assert boxes[-1].x0 > x and boxes[-1].y0 > y
+
+
 class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()

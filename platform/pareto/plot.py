@@ -78,8 +78,6 @@ def plot_png(
         marker = "D" if p.source == "dynamic_rho" else "o"
         size = 46 if kind == "front" else 30
         ax.scatter([p.gflops], [ap(p)], s=size, marker=marker, facecolors=fill, edgecolors=edge, zorder=3)
-        ax.annotate(p.label, (p.gflops, ap(p)), xytext=(4, 4), textcoords="offset points", fontsize=7,
-                    color="#333333" if kind != "out" else GREY)  # fmt: skip
     if any(p.eligible and not p.on_front for p in shown):
         handles.append(Line2D([], [], ls="", marker="o", mfc=LIGHT_BLUE, mec=BLUE, label="dominated"))
     if unfinished_legend(shown):
@@ -101,7 +99,57 @@ def plot_png(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    place_labels(ax, [(p.label, p.gflops, ap(p), point_style(p)[2] == "out") for p in shown])
     return _savefig_atomic(fig, Path(path))
+
+
+# Where a label may sit relative to its point, in points: right-above first, then the other corners,
+# then further out. Points from one checkpoint's dynamic-ρ curve lie close together.
+_LABEL_OFFSETS = (
+    (4, 4),
+    (4, -11),
+    (-4, 4),
+    (-4, -11),
+    (4, 14),
+    (-4, 14),
+    (4, -21),
+    (-4, -21),
+    (12, 0),
+    (-12, 0),
+)
+
+
+def place_labels(ax, labels: Sequence[tuple[str, float, float, bool]]) -> list:
+    """Annotate each ``(text, x, y, muted)`` at the first offset where its text overlaps neither a label
+    placed before nor any point's marker; the first offset when every one collides. Returns the
+    annotations. Needs the axes laid out (limits and position final)."""
+    renderer = ax.figure.canvas.get_renderer()
+    markers = [ax.transData.transform((x, y)) for _, x, y, _ in labels]
+    taken: list = []
+    annotations = []
+    for text, x, y, muted in labels:
+        chosen = None
+        for dx, dy in _LABEL_OFFSETS:
+            ann = ax.annotate(
+                text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                ha="left" if dx >= 0 else "right", color=GREY if muted else "#333333",
+            )  # fmt: skip
+            box = ann.get_window_extent(renderer).expanded(1.05, 1.1)
+            clear = not any(box.overlaps(other) for other in taken) and not any(
+                box.contains(mx, my) for mx, my in markers
+            )
+            if clear or chosen is None:
+                if chosen is not None:
+                    chosen[0].remove()
+                chosen = (ann, box)
+                if clear:
+                    break
+            else:
+                ann.remove()
+        if chosen is not None:
+            taken.append(chosen[1])
+            annotations.append(chosen[0])
+    return annotations
 
 
 def _savefig_atomic(fig, path: Path) -> Path:
