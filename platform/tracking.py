@@ -232,6 +232,8 @@ class MetricLogger:
     next flush that reaches the server sends them first, in order, and removes the file. Nothing is lost
     while the process lives, and with a spool file a restarted process sends what its predecessor
     could not (`send_spool` does it without training, e.g. after the run ended with the server away).
+    A process that starts while the server is away cannot read its floors: it logs on, and the first
+    flush that reaches the server drops what the server already holds (a replayed epoch).
     """
 
     def __init__(self, tracking_uri: str, run_id: str, spool: str | Path | None = None, log=print):
@@ -250,6 +252,11 @@ class MetricLogger:
         self._spooled = False  # a spool file exists (removed once all of it is sent)
         self._pending: list = self._read_spool()
         self._warned = False
+        # Markers whose floor the store could not tell (it was away when `restore_floor` asked), and the
+        # metrics logged under them since: the first flush that reaches the store drops those at or
+        # below the store's floor, so a replayed epoch is not sent twice.
+        self._unresolved: set[str] = set()
+        self._held: list[tuple[str, Any]] = []
 
     def logged_steps(self, key: str) -> list[int]:
         return sorted(m.step for m in self._client.get_metric_history(self.run_id, key))
@@ -257,7 +264,12 @@ class MetricLogger:
     def restore_floor(self, key: str) -> int | None:
         """Read the last step logged for ``key`` from the store (and the spool); later calls skip up
         to it."""
-        steps = self.logged_steps(key) + [m.step for m in self._pending if m.key == key]
+        steps = [m.step for m in self._pending if m.key == key]
+        try:
+            steps += self.logged_steps(key)
+        except Exception as exc:  # the store is away: decided at the first flush that reaches it
+            self._unreachable(exc)
+            self._unresolved.add(key)
         if steps:
             last = max(steps)
             self._floors[key] = max(self._floors.get(key, last), last)
@@ -278,7 +290,10 @@ class MetricLogger:
             value = float(value)
             if math.isnan(value):
                 continue  # MLflow stores NaN, but it breaks the charts
-            self._buffer.append(Metric(key, value, now, int(step)))
+            metric = Metric(key, value, now, int(step))
+            self._buffer.append(metric)
+            if marker in self._unresolved:
+                self._held.append((marker, metric))
         if marker:
             self._floors[marker] = int(step)
         return True
@@ -299,6 +314,7 @@ class MetricLogger:
         batch, self._buffer = self._pending + self._buffer, []
         sent = 0
         try:
+            batch = self._drop_replayed(batch)
             for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
                 self._client.log_batch(self.run_id, metrics=batch[i : i + _MAX_METRICS_PER_BATCH])
                 sent = i + _MAX_METRICS_PER_BATCH
@@ -312,6 +328,24 @@ class MetricLogger:
         self._pending, self._warned = [], False
         self._write_spool()
         return True
+
+    def _drop_replayed(self, batch: list) -> list:
+        """Resolve the floors `restore_floor` could not read: drop the held metrics at or below what the
+        store holds for their marker. Raises (and changes nothing) while the store is away."""
+        if not self._unresolved:
+            return batch
+        floors = {key: max(self.logged_steps(key), default=None) for key in self._unresolved}
+        replayed = {
+            id(metric)
+            for marker, metric in self._held
+            if floors[marker] is not None and metric.step <= floors[marker]
+        }
+        for key, floor in floors.items():
+            if floor is not None:
+                self._floors[key] = max(self._floors.get(key, floor), floor)
+        self._unresolved.clear()
+        self._held = []
+        return [m for m in batch if id(m) not in replayed]
 
     def _unreachable(self, exc: Exception) -> None:
         if self._warned:

@@ -80,6 +80,11 @@ def test_a_server_that_goes_away_loses_nothing(servers, tmp_path):
     logger = tracking.MetricLogger(uri, run.run_id, spool=spool, log=messages.append)
     logger.log({"epoch": 0, "AP": 0.1}, 0, marker="epoch")
     assert logger.flush()
+    # A second run whose worker dies after logging epoch 0 and restarts while the server is away.
+    other = tracking.start_run(uri, "restarted", experiment="away")
+    first = tracking.MetricLogger(uri, other.run_id, log=messages.append)
+    first.log({"epoch": 0, "AP": 0.5}, 0, marker="epoch")
+    assert first.flush()
 
     stop(servers["mlflow"])
     start = time.monotonic()
@@ -88,6 +93,11 @@ def test_a_server_that_goes_away_loses_nothing(servers, tmp_path):
     assert time.monotonic() - start < 60  # training is not held up for minutes
     assert logger.pending == 2 and len(folder.read_text(METRICS_SPOOL).splitlines()) == 2
     assert any("unreachable" in m and f"kept in {spool}" in m for m in messages), messages
+    restarted = tracking.MetricLogger(uri, other.run_id, log=messages.append)
+    assert restarted.restore_floor("epoch") is None  # the server cannot say: no error, decided later
+    assert restarted.log({"epoch": 0, "AP": 0.5}, 0, marker="epoch")  # replayed from the checkpoint
+    restarted.log({"epoch": 1, "AP": 0.6}, 1, marker="epoch")
+    assert not restarted.flush() and restarted.pending == 4
 
     # A process that restarts meanwhile sends what its predecessor could not.
     port = int(uri.rsplit(":", 1)[1])
@@ -99,6 +109,12 @@ def test_a_server_that_goes_away_loses_nothing(servers, tmp_path):
     assert again.flush() and not folder.exists(METRICS_SPOOL)
     history = tracking.client(uri).get_metric_history(run.run_id, "AP")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.1), (1, 0.2), (2, 0.3)]
+    # The restarted worker's first flush that reaches the server leaves out the epoch it already has.
+    assert restarted.flush() and restarted.pending == 0
+    for key, values in (("AP", [(0, 0.5), (1, 0.6)]), ("epoch", [(0, 0.0), (1, 1.0)])):
+        history = tracking.client(uri).get_metric_history(other.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == values, key
+    assert not restarted.log({"epoch": 1, "AP": 0.6}, 1, marker="epoch")
 
 
 def _sweep_file(data: str, name: str) -> str:
