@@ -203,6 +203,10 @@ def test_sweep_on_s3_into_the_server_killed_and_resumed(servers, tmp_path, capsy
             assert sorted(steps) == [0, 1], (run.data.tags["sdetr.trial_id"], key, steps)
         assert run.data.tags["pareto_optimal"] in ("true", "false")
         assert not sweep.child(TRIALS_DIR, run.data.tags["sdetr.trial_id"]).exists(METRICS_SPOOL)
+        # The pictures of each evaluation, in the trial's folder on object storage and in its run.
+        trial_folder = sweep.child(TRIALS_DIR, run.data.tags["sdetr.trial_id"])
+        assert trial_folder.list_files("pictures/epoch_002"), trial_folder
+        assert client.list_artifacts(run.info.run_id, "pictures/epoch_002")
     pareto = {a.path for a in client.list_artifacts(parents[0].info.run_id, "pareto")}
     assert pareto == {"pareto/pareto.csv", "pareto/pareto.png", "pareto/pareto.html"}
     assert sweep.parent().child("mlartifacts").list_dirs()  # the artifacts went to the S3-API server

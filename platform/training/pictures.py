@@ -63,7 +63,7 @@ def val_pictures(
 ) -> list[Path]:
     """The pictures of the first `NUM_PICTURES` val images of the shard folder ``data`` after the val
     transform, written as ``<out_dir>/<image id>.png``."""
-    dataset = ShardDataset(Path(data), "val", make_transforms("val", cfg.data), max_images=NUM_PICTURES)
+    dataset = ShardDataset(data, "val", make_transforms("val", cfg.data), max_images=NUM_PICTURES)
     paths = []
     for i in range(min(NUM_PICTURES, len(dataset))):
         image, target = dataset[i][:2]

@@ -30,6 +30,7 @@ from sdetr.platform import tracking
 from sdetr.platform.layout import METRICS_SPOOL, STATE_FILE, append_jsonl, write_json
 from sdetr.platform.shards.dataset import coco_ground_truth
 from sdetr.platform.shards.reader import iter_epoch
+from sdetr.platform.storage import Location
 from sdetr.platform.training.checkpointing import record_event, rng_state, seed_everything
 from sdetr.platform.training.engine import evaluate, train_one_epoch
 from sdetr.platform.training.local import init_from_checkpoint
@@ -238,18 +239,24 @@ def percent_twins(record: dict[str, float]) -> dict[str, float]:
 def log_pictures(setup: WorkerSetup, modules: Modules, coco_gt, epoch: int, logger) -> None:
     """After evaluating ``epoch``: pictures of a few fixed val images (boxes; for Sparse DETR the scoring
     network's scores, the kept tokens and the DAM target) into ``<run>/pictures/epoch_NNN/`` and the
-    MLflow run. A picture that fails is a warning: it must never stop training."""
-    if setup.run_dir is None:
-        return
-    folder = setup.run_dir / PICTURES_DIR / epoch_dir_name(epoch)
+    MLflow run. A picture that fails is a warning: it must never stop training. A run folder on object
+    storage gets them through a local temporary folder."""
+    relative = f"{PICTURES_DIR}/{epoch_dir_name(epoch)}"
+    scratch = None if setup.run_dir is not None else Path(tempfile.mkdtemp(prefix="sdetr-pictures-"))
+    folder = (setup.run_dir or scratch) / relative
     names = {int(c["id"]): str(c["name"]) for c in coco_gt.cats.values()} if coco_gt is not None else None
     try:
         val_pictures(modules.core, setup.data, setup.cfg, folder, setup.device, names)
+        if scratch is not None:
+            Location(setup.checkpoint_root).upload_tree(folder, relative)
         if logger is not None:
             client = tracking.client(logger.tracking_uri)
-            client.log_artifacts(logger.run_id, str(folder), artifact_path=f"{PICTURES_DIR}/{folder.name}")
+            client.log_artifacts(logger.run_id, str(folder), artifact_path=relative)
     except Exception as exc:  # noqa: BLE001 - pictures are for people; the run goes on without them
         print(f"warning: pictures of epoch {epoch + 1} not written: {type(exc).__name__}: {exc}")
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_and_report(
