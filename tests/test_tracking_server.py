@@ -110,7 +110,8 @@ def test_a_server_that_goes_away_loses_nothing(servers, tmp_path):
     history = tracking.client(uri).get_metric_history(run.run_id, "AP")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.1), (1, 0.2), (2, 0.3)]
     # The restarted worker's first flush that reaches the server leaves out the epoch it already has.
-    assert restarted.flush() and restarted.pending == 0
+    # (Up to three flushes, as training would retry: a loaded server can miss the 15 s read timeout.)
+    assert any(restarted.flush() for _ in range(3)) and restarted.pending == 0
     for key, values in (("AP", [(0, 0.5), (1, 0.6)]), ("epoch", [(0, 0.0), (1, 1.0)])):
         history = tracking.client(uri).get_metric_history(other.run_id, key)
         assert sorted((m.step, m.value) for m in history) == values, key
