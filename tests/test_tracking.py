@@ -6,6 +6,7 @@ import pytest
 
 from sdetr.detector.errors import ConfigError
 from sdetr.platform import tracking
+from sdetr.platform.metric_logger import MetricLogger
 
 
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
@@ -40,7 +41,7 @@ def test_run_is_created_once_continued_and_never_logs_a_step_twice(tmp_path):
     # Creating the experiment again (another driver) finds the same one.
     assert tracking.ensure_experiment(client, tracking.DEFAULT_EXPERIMENT) == run.experiment_id
 
-    logger = tracking.MetricLogger(uri, run.run_id)
+    logger = MetricLogger(uri, run.run_id)
     for step in range(1, 6):
         assert logger.log({"train/loss": 1.0 / step, "train/lr": 0.1}, step, marker="train/loss")
     logger.log({"epoch": 0, "val/AP": 0.1, "nan": float("nan")}, 0, marker="epoch")
@@ -51,7 +52,7 @@ def test_run_is_created_once_continued_and_never_logs_a_step_twice(tmp_path):
     again = tracking.start_run(uri, "demo", previous_run_id=run.run_id, params={"p0": "changed"})
     assert again.resumed and again.run_id == run.run_id
     assert client.get_run(run.run_id).info.status == "RUNNING"
-    logger = tracking.MetricLogger(uri, run.run_id)
+    logger = MetricLogger(uri, run.run_id)
     assert logger.restore_floor("train/loss") == 5 and logger.restore_floor("epoch") == 0
     for step in range(4, 8):
         logger.log({"train/loss": 1.0 / step, "train/lr": 0.1}, step, marker="train/loss")

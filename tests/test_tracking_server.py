@@ -29,6 +29,7 @@ from sdetr.platform.layout import (
     TRIAL_RECORD,
     TRIALS_DIR,
 )
+from sdetr.platform.metric_logger import MetricLogger
 from sdetr.platform.shards.writer import shard_coco
 from sdetr.platform.storage import Location
 from sdetr.platform.training.report import read_history
@@ -80,12 +81,12 @@ def test_a_server_that_goes_away_loses_nothing(servers, tmp_path):
     # The spool file of a run folder on object storage, as a Ray worker of an s3:// run keeps it.
     folder = Location(f"s3://{BUCKET}/runs/away")
     spool = f"{folder}/{METRICS_SPOOL}"
-    logger = tracking.MetricLogger(uri, run.run_id, spool=spool, log=messages.append)
+    logger = MetricLogger(uri, run.run_id, spool=spool, log=messages.append)
     logger.log({"epoch": 0, "AP": 0.1}, 0, marker="epoch")
     assert logger.flush()
     # A second run whose worker dies after logging epoch 0 and restarts while the server is away.
     other = tracking.start_run(uri, "restarted", experiment="away")
-    first = tracking.MetricLogger(uri, other.run_id, log=messages.append)
+    first = MetricLogger(uri, other.run_id, log=messages.append)
     first.log({"epoch": 0, "AP": 0.5}, 0, marker="epoch")
     assert first.flush()
 
@@ -96,7 +97,7 @@ def test_a_server_that_goes_away_loses_nothing(servers, tmp_path):
     assert time.monotonic() - start < 60  # training is not held up for minutes
     assert logger.pending == 2 and len(folder.read_text(METRICS_SPOOL).splitlines()) == 2
     assert any("unreachable" in m and f"kept in {spool}" in m for m in messages), messages
-    restarted = tracking.MetricLogger(uri, other.run_id, log=messages.append)
+    restarted = MetricLogger(uri, other.run_id, log=messages.append)
     assert restarted.restore_floor("epoch") is None  # the server cannot say: no error, decided later
     assert restarted.log({"epoch": 0, "AP": 0.5}, 0, marker="epoch")  # replayed from the checkpoint
     restarted.log({"epoch": 1, "AP": 0.6}, 1, marker="epoch")
@@ -105,7 +106,7 @@ def test_a_server_that_goes_away_loses_nothing(servers, tmp_path):
     # A process that restarts meanwhile sends what its predecessor could not.
     port = int(uri.rsplit(":", 1)[1])
     servers["mlflow"], _ = start_mlflow(servers["folder"], servers["database"], f"s3://{BUCKET}/art", port)
-    again = tracking.MetricLogger(uri, run.run_id, spool=spool, log=messages.append)
+    again = MetricLogger(uri, run.run_id, spool=spool, log=messages.append)
     assert again.pending == 2 and again.restore_floor("epoch") == 1
     assert not again.log({"epoch": 1, "AP": 0.2}, 1, marker="epoch")  # a replayed epoch: not twice
     again.log({"epoch": 2, "AP": 0.3}, 2, marker="epoch")

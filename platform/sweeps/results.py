@@ -25,6 +25,7 @@ from sdetr.platform.layout import (
     TRIAL_STATES_FILE,
     TRIALS_DIR,
 )
+from sdetr.platform.metric_logger import MetricLogger, send_spool
 from sdetr.platform.pareto import (
     ParetoPoint,
     format_table,
@@ -215,7 +216,7 @@ def send_spools(sweep_dir: str | Path | Location, tracking_uri: str, log=print) 
         if not row["run_id"] or not folder.is_file(METRICS_SPOOL):
             continue
         try:
-            count = tracking.send_spool(tracking_uri, row["run_id"], f"{folder}/{METRICS_SPOOL}", log=log)
+            count = send_spool(tracking_uri, row["run_id"], f"{folder}/{METRICS_SPOOL}", log=log)
         except ConfigError as exc:
             log(f"warning: {exc}")
             continue
@@ -237,7 +238,7 @@ def _log_front(tracked: dict[str, str], points: list, files: list[Path]) -> None
     summary = {"pareto/front_size": len(front), "pareto/trials_completed": len(done)}
     if done:
         summary["pareto/best_AP"] = max(p.AP for p in done)
-    logger = tracking.MetricLogger(tracked["tracking_uri"], tracked["run_id"])
+    logger = MetricLogger(tracked["tracking_uri"], tracked["run_id"])
     logger.log(summary, 0)
     logger.flush()
     tracking.set_tags(

@@ -25,6 +25,7 @@ from sdetr.detector.config import Config
 from sdetr.detector.errors import SdetrError
 from sdetr.platform import tracking
 from sdetr.platform.layout import CONFIG_FILE, RUN_RECORD, STATE_FILE
+from sdetr.platform.metric_logger import MetricLogger
 from sdetr.platform.shards.reader import dataset_config, read_split
 from sdetr.platform.training.checkpointing import remove_interrupted_writes
 from sdetr.platform.training.run_plan import DistributedOptions, RunPlan, check_previous_run, plan_run
@@ -152,7 +153,7 @@ def start_tracking(plan: RunPlan, record: dict | None, log=print):
         log=log,
     )
     if placement.metrics and not tracked.resumed:
-        logger = tracking.MetricLogger(placement.tracking_uri, tracked.run_id)
+        logger = MetricLogger(placement.tracking_uri, tracked.run_id)
         logger.log(placement.metrics, 0)
         logger.flush()
     return tracked

@@ -28,6 +28,7 @@ from sdetr.detector.config import Config
 from sdetr.detector.evaluation.postprocess import PostProcess
 from sdetr.platform import tracking
 from sdetr.platform.layout import METRICS_SPOOL, STATE_FILE, append_jsonl, write_json
+from sdetr.platform.metric_logger import MetricLogger
 from sdetr.platform.shards.dataset import coco_ground_truth
 from sdetr.platform.shards.reader import iter_epoch
 from sdetr.platform.storage import Location
@@ -74,7 +75,7 @@ def train_func(config: dict[str, Any]) -> None:
         # Metrics the tracking server cannot take (it went away) wait in the run folder's spool file.
         spool = f"{setup.run_dir or setup.checkpoint_root}/{METRICS_SPOOL}"
         tracked = config["mlflow"]
-        logger = tracking.MetricLogger(tracked["tracking_uri"], tracked["run_id"], spool=spool)
+        logger = MetricLogger(tracked["tracking_uri"], tracked["run_id"], spool=spool)
         # Steps and epochs replayed since the last checkpoint were logged before the failure.
         logger.restore_floor(STEP_MARKER)
         logger.restore_floor(EPOCH_MARKER)
