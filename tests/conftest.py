@@ -6,8 +6,8 @@ import torch
 # Ray's worker processes keep Ray's default nice 15 (RAY_worker_niceness). Under pytest-xdist they then
 # wait behind the other test process (a worker's `import torch` took 12 s instead of 1.6 s at load 4),
 # but at nice 0 they crowded out a new cluster's raylet past Ray's fixed 30 s start-up deadline (load
-# 26, three errors), and nice 5 was not seen through a full run: the Ray tests' deadlines are long
-# enough for the starved workers instead (docs/benchmarks.md, "Test suite").
+# 26, three errors), and a run at nice 5 had three failures before it was stopped. The Ray tests'
+# deadlines are long enough for the starved workers instead (docs/benchmarks.md, "Test suite").
 
 # Two cores are shared by the test process and anything it starts; keep torch from oversubscribing
 # (one thread per pytest-xdist worker process).
