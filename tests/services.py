@@ -115,8 +115,10 @@ def start_postgres() -> tuple[str, callable]:
     return f"postgresql://postgres@127.0.0.1:{port}/mlflow", stop_pg
 
 
-def start_mlflow(folder: Path, backend: str, artifacts: str, port: int | None = None):
-    """``mlflow server`` on ``backend`` with artifacts proxied to ``artifacts``; returns (proc, uri)."""
+def start_mlflow(folder: Path, backend: str, artifacts: str, port: int | None = None, wait: bool = True):
+    """``mlflow server`` on ``backend`` with artifacts proxied to ``artifacts``; returns (proc, uri).
+    Its output goes to ``folder/mlflow-<port>.log``. With ``wait=False`` the caller calls
+    `wait_for_mlflow` later (to overlap the server's start-up with other work)."""
     port = port or free_port()
     with open(folder / f"mlflow-{port}.log", "a") as log:
         proc = subprocess.Popen(
@@ -125,10 +127,21 @@ def start_mlflow(folder: Path, backend: str, artifacts: str, port: int | None = 
             stdout=log,
             stderr=log,
         )
+    proc.log_path = folder / f"mlflow-{port}.log"
     uri = f"http://127.0.0.1:{port}"
+    if wait:
+        wait_for_mlflow(uri, proc)
+    return proc, uri
+
+
+def wait_for_mlflow(uri: str, proc: subprocess.Popen) -> None:
+    """Wait for the server's /health; on failure stop it and show the end of its log."""
     try:
         wait_http(f"{uri}/health", 420, proc)  # ~20 s on an idle 2-core machine, minutes under load
-    except BaseException:
+    except BaseException as exc:
         stop(proc)
+        log = getattr(proc, "log_path", None)
+        tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+        if isinstance(exc, AssertionError):
+            raise AssertionError(f"{exc}; the end of its log ({log}):\n{tail}") from None
         raise
-    return proc, uri

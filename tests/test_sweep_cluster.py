@@ -17,7 +17,7 @@ import pytest
 
 from sdetr.platform import tracking
 
-from .services import free_port, wait_http
+from .services import free_port, start_mlflow, stop, wait_for_mlflow
 from .test_sweep import sweep_yaml
 
 # `ray start` clusters are machine-wide: other tests' ray.init() would join this one, and `ray stop`
@@ -39,23 +39,15 @@ def env():
 
 
 @pytest.fixture
-def mlflow_server(tmp_path, env):
-    port = free_port()
-    db = tmp_path / "server" / "mlflow.db"
-    db.parent.mkdir()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--artifacts-destination", str(tmp_path / "server" / "art")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+def mlflow_server(tmp_path):
+    folder = tmp_path / "server"
+    folder.mkdir()
+    # Started before the cluster and waited for after it: its ~20 s of migrations overlap Ray's start-up.
+    proc, uri = start_mlflow(folder, f"sqlite:///{folder / 'mlflow.db'}", str(folder / "art"), wait=False)
     try:
-        yield f"http://127.0.0.1:{port}", proc
+        yield uri, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture
@@ -80,7 +72,7 @@ def two_node_cluster(env, tmp_path):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_submit_to_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, env):
+def test_submit_to_two_node_cluster(mlflow_server, two_node_cluster, tmp_path, env):
     gcs, dashboard = two_node_cluster
     server, server_proc = mlflow_server
     # In a fresh process: this one may hold another Ray session from earlier tests.
@@ -92,7 +84,7 @@ def test_submit_to_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, e
         [sys.executable, "-c", probe % gcs], env=env, capture_output=True, text=True, timeout=120
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2.0, 2.0], out.stderr[-2000:]
-    wait_http(f"{server}/health", 90, server_proc)
+    wait_for_mlflow(server, server_proc)
 
     from sdetr.detector.data.synth import generate_synthetic_coco
     from sdetr.platform.shards.writer import shard_coco
