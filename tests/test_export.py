@@ -51,13 +51,15 @@ def test_bad_requests_are_refused_and_nothing_is_overwritten(sparse, tmp_path):
 
 
 # One export per preset at the first size; the image size is dynamic, so the same files serve all three.
-# Sparse DETR's ONNX file is the one `sdetr export` writes (test_cli_exports_onnx_that_onnxruntime_runs,
-# at the same three sizes): an ONNX export is most of these tests' time.
+# An ONNX export is most of these tests' time (~40 s on an idle 2-core machine), so ONNX Runtime checks
+# the two encoders that differ: Sparse DETR's file is the one `sdetr export` writes
+# (test_cli_exports_onnx_that_onnxruntime_runs, at the same three sizes) and Lite DETR's is written here.
+# Deformable DETR's graph is Sparse DETR's without the scoring network and top-k: torch.export only.
 @pytest.mark.parametrize(
     "preset, onnx",
     [
         ("tiny_sparse_detr_rho_0.1", False),
-        ("tiny_deformable_detr", True),
+        ("tiny_deformable_detr", False),
         ("tiny_lite_detr_h3l1_3p1x2", True),
     ],
 )

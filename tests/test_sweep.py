@@ -195,15 +195,21 @@ def test_sweep_killed_then_resumed(shards, tmp_path):
     assert epochs_done(sweep_dir) == {t: 2 for t in trial_ids}
 
 
-def test_encoders_sweep_puts_every_detector_on_one_plot(shards, tmp_path):
-    """sweeps/encoders_tiny.yaml: six detectors (Deformable, Sparse ρ 0.1/0.3, Lite, DETR, Faster R-CNN)."""
+def test_encoders_sweep_puts_detector_families_on_one_plot(shards, tmp_path):
+    """sweeps/encoders_tiny.yaml, run on three of its six detectors: one per code path a trial can take
+    (Sparse DETR's scoring network and DAM loss, Lite DETR's interleaved encoder, Faster R-CNN's
+    torchvision heads and losses). All six load in test_sweep_spec.py and train in single-process tests;
+    each real trial here costs about a minute of CPU, mostly the start-up of its Ray processes."""
     import yaml
 
     shipped = yaml.safe_load(
         (Path(__file__).resolve().parents[1] / "sweeps" / "encoders_tiny.yaml").read_text()
     )
+    presets = ["tiny_sparse_detr_rho_0.1", "tiny_lite_detr_h3l1_3p1x2", "tiny_faster_rcnn_fpn"]
+    assert set(presets) < set(shipped["space"]["preset"])
+    shipped["space"]["preset"] = presets
     shipped.update(data=str(shards), epochs=1, cost={"input": [128, 160], "fps": False})
-    # Three at a time: most of a tiny trial is Ray Train's start-up, which overlaps well.
+    # All three at once: most of a tiny trial is Ray Train's start-up, which overlaps well.
     shipped["resources"] = {"workers": 1, "cpus_per_worker": 0.4, "max_concurrent": 3}
     shipped["set"] = {
         "optim.batch_size": 2,
@@ -223,14 +229,9 @@ def test_encoders_sweep_puts_every_detector_on_one_plot(shards, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sweep_dir = storage / "encoders_tiny"
     rows = list(csv.DictReader((sweep_dir / "pareto" / "pareto.csv").open()))
-    assert sorted(r["preset"] for r in rows) == sorted(shipped["space"]["preset"])
+    assert sorted(r["preset"] for r in rows) == sorted(presets)
     assert all(r["status"] == "completed" and r["AP"] != "" and float(r["gflops"]) > 0 for r in rows)
-    gflops = {r["preset"]: float(r["gflops"]) for r in rows}
-    assert (
-        gflops["tiny_sparse_detr_rho_0.1"]
-        < gflops["tiny_sparse_detr_rho_0.3"]
-        < gflops["tiny_deformable_detr"]
-    )
+    assert len({r["gflops"] for r in rows}) == 3  # each trial counted its own model
     assert any(r["on_front"] == "1" for r in rows)
 
 

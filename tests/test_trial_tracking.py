@@ -7,8 +7,9 @@ from sdetr.detector.presets import get_preset
 from sdetr.platform import tracking
 from sdetr.platform.layout import RUN_RECORD, write_json
 from sdetr.platform.pareto import ParetoPoint, mark_front
+from sdetr.platform.sweeps.report_callback import name_mlflow_run
 from sdetr.platform.sweeps.summary import DESCRIPTION_TAG, front_description, gflops_note, next_steps
-from sdetr.platform.sweeps.trial import effective_preset, headline_metrics, name_mlflow_run, trial_description
+from sdetr.platform.sweeps.trial import effective_preset, headline_metrics, trial_description
 from sdetr.platform.training.worker import percent_twins
 
 COST = {

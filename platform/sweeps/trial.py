@@ -13,18 +13,17 @@ from typing import Any
 
 import torch
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from sdetr.detector.cost import FIXED_INPUT_HW, cost_of_preset
 from sdetr.detector.presets import get_preset, preset_names
-from sdetr.platform import tracking
-from sdetr.platform.layout import COST_FILE, RUN_RECORD, TRIAL_RECORD, TRIALS_DIR
+from sdetr.platform.layout import COST_FILE, TRIAL_RECORD, TRIALS_DIR
 from sdetr.platform.pareto import label_for
 from sdetr.platform.storage import Location, RunStorage
+from sdetr.platform.sweeps.report_callback import EpochReportCallback
 from sdetr.platform.sweeps.spec import SweepSpec
 from sdetr.platform.sweeps.summary import gflops_text
 from sdetr.platform.training.driver import launch
-from sdetr.platform.training.report import TrainReport, read_history
+from sdetr.platform.training.report import read_history
 from sdetr.platform.training.run_plan import MlflowPlacement, resolve_plan
 
 
@@ -38,38 +37,6 @@ class SweepContext:
     cpus_per_worker: float
     mlflow: dict[str, str] | None  # the parent run: {"tracking_uri", "run_id", ...}
     ray_job_id: str = ""
-
-
-def epoch_report_callback(
-    extra: dict[str, Any],
-    epochs: int,
-    folder: str | None = None,
-    label: str = "",
-    tracking_uri: str | None = None,
-):
-    """A Train callback, run in the Train controller, that forwards end-of-epoch reports to Tune.
-
-    Mid-epoch checkpoint reports carry no AP: forwarding them would hand schedulers and searchers
-    results without their metric. ``epochs_done`` counts across attempts (Tune's own
-    ``training_iteration`` restarts when a trial is resumed), so schedulers use it as their time. The
-    first report also names the trial's MLflow run after ``label`` (the run exists by then).
-    """
-
-    class EpochReportCallback(TuneReportCallback):
-        named = False
-
-        def after_report(self, run_context, metrics, checkpoint):
-            if folder is not None and label and not self.named:
-                name_mlflow_run(folder, label, tracking_uri)
-                self.named = True
-            report = TrainReport.from_ray(metrics[0])
-            if not report.epoch_end:
-                return
-            done = report.epochs_done
-            merged = {**report.to_ray(), **extra, "epochs_done": done, "completed": done >= epochs}
-            super().after_report(run_context, [merged], checkpoint)
-
-    return EpochReportCallback()
 
 
 def trial_cost(cfg, spec: SweepSpec, folder: Location | str, data: str) -> dict[str, Any]:
@@ -162,20 +129,6 @@ def headline_metrics(cost: dict[str, Any], rho: float) -> dict[str, float]:
     return out
 
 
-def name_mlflow_run(folder: Location | str, label: str, tracking_uri: str | None = None) -> None:
-    """Name the trial's MLflow run after its label (the driver creates it named after the trial id).
-    Idempotent; a store that cannot be reached only costs the name. ``tracking_uri``: the sweep's (the
-    run record's is masked when it had a password)."""
-    tracked = (Location.of(folder).read_json(RUN_RECORD) or {}).get("mlflow") or {}
-    if not tracked.get("run_id"):
-        return
-    try:
-        client = tracking.client(tracking_uri or tracked["tracking_uri"])
-        tracking.set_tags(client, tracked["run_id"], {"mlflow.runName": label})
-    except Exception as exc:  # noqa: BLE001 - naming is cosmetic; training must go on
-        print(f"warning: could not name MLflow run {tracked['run_id']} {label!r}: {exc}")
-
-
 def trial_description(label: str, cfg, cost: dict[str, Any]) -> str:
     """The MLflow run's description (Markdown): what the trial is and where its pictures are."""
     fps = f"{cost['fps']:.1f}" if cost.get("fps") is not None else "not measured"
@@ -254,7 +207,7 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         max_failures=spec.max_failures,
         # The folder as a string: the callback is pickled to the Train controller, which opens it there.
         callbacks=[
-            epoch_report_callback(extra, cfg.optim.epochs, folder.uri, label, parent.get("tracking_uri"))
+            EpochReportCallback(extra, cfg.optim.epochs, folder.uri, label, parent.get("tracking_uri"))
         ],
     )
     launch(plan)
