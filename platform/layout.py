@@ -11,8 +11,8 @@ A Ray Train run (``<storage>/<name>``, also each sweep trial)::
     checkpoint_epochNNNN_stepNNNNNN[-k]/state.pth  shards/ (when the run sharded a COCO folder itself)
     mlflow_pending.jsonl (only while the tracking server could not be reached: metrics not yet sent)
 
-On object storage (``s3://...``) a Ray run has the same files except the local-only ones
-(``events.jsonl``, ``workers/``, ``pictures/``).
+On object storage (``s3://...``) a Ray run has the same files except ``workers/`` (live status and pids,
+of use only on the machine that runs the worker).
 
 A sweep (``<storage>/<name>``)::
 

@@ -113,7 +113,7 @@ def test_sweep_killed_then_resumed(shards, tmp_path):
         )  # fmt: skip
     try:
         # Kill once some trial has a checkpointed epoch and has not finished: mid-sweep, mid-trial.
-        wait_for(lambda: 1 in epochs_done(sweep_dir).values(), 420, "a trial's first epoch", proc, log)
+        wait_for(lambda: 1 in epochs_done(sweep_dir).values(), 600, "a trial's first epoch", proc, log)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -130,7 +130,7 @@ def test_sweep_killed_then_resumed(shards, tmp_path):
 
     resumed = subprocess.run(
         sdetr("sweep", "resume", "kill", "--storage", str(storage)),
-        capture_output=True, text=True, env=env, timeout=600, start_new_session=True,
+        capture_output=True, text=True, env=env, timeout=900, start_new_session=True,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert epochs_done(sweep_dir) == {t: 2 for t in epochs_done(sweep_dir)} and len(
@@ -186,7 +186,7 @@ def test_sweep_killed_then_resumed(shards, tmp_path):
     # Re-running the same file on the finished sweep changes nothing.
     again = subprocess.run(
         sdetr("sweep", "run", str(spec), "--storage", str(storage)),
-        capture_output=True, text=True, env=env, timeout=300, start_new_session=True,
+        capture_output=True, text=True, env=env, timeout=600, start_new_session=True,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     # ... and starts no Ray cluster to find that out.

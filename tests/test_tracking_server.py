@@ -22,6 +22,7 @@ from sdetr.platform import tracking
 from sdetr.platform.cli.main import main
 from sdetr.platform.layout import (
     DYNAMIC_RHO_FILE,
+    EVENTS_FILE,
     HISTORY_FILE,
     METRICS_SPOOL,
     RUN_RECORD,
@@ -172,7 +173,7 @@ def test_sweep_on_s3_into_the_server_killed_and_resumed(servers, tmp_path, capsy
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     try:
-        wait_for(lambda: 1 in _epochs_on_storage(sweep).values(), 300, "a trial's first epoch", proc, log)
+        wait_for(lambda: 1 in _epochs_on_storage(sweep).values(), 600, "a trial's first epoch", proc, log)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -188,10 +189,18 @@ def test_sweep_on_s3_into_the_server_killed_and_resumed(servers, tmp_path, capsy
     assert f"sweep {name}: stopped" in out and "trials completed" in out, out
 
     again = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=600, start_new_session=True
+        command, capture_output=True, text=True, env=env, timeout=900, start_new_session=True
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert _epochs_on_storage(sweep) == {t: 2 for t in before} and len(before) == 2
+    # The trial killed mid-way continued from its checkpoint: its events.jsonl, on the S3-API server.
+    for trial in [t for t, n in before.items() if n == 1]:
+        events = [
+            json.loads(line) for line in sweep.child(TRIALS_DIR, trial).read_text(EVENTS_FILE).splitlines()
+        ]
+        assert [e["event"] for e in events].count("start") == 1, events
+        assert any(e["event"] == "resume" and e["epoch"] >= 1 for e in events), events
+        assert any(e["event"] == "checkpoint" for e in events), events
 
     client = tracking.client(uri)
     exp = client.get_experiment_by_name("cluster-sweep")

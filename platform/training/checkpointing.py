@@ -3,6 +3,7 @@ which config changes still make it the same run. Shared by the single-process tr
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from sdetr.detector.checkpoint import read_checkpoint
 from sdetr.detector.config import Config
 from sdetr.detector.errors import CheckpointError, ConfigError
 from sdetr.platform.layout import CHECKPOINT_GLOB, EVENTS_FILE, STATE_FILE, TMP_MARK, append_jsonl
+from sdetr.platform.storage import Location, is_uri
 
 # Fields that may change between attempts of one run without making it a different run.
 RESUMABLE_CHANGES = (
@@ -52,10 +54,23 @@ def check_schedule(cfg: Config) -> None:
             raise ConfigError(f"{name} = {value!r}: must be an integer of at least {low}")
 
 
-def record_event(run_dir: Path | None, **fields) -> None:
-    """One line of ``events.jsonl`` (starts, checkpoints, resumes, skipped checkpoints), for operators."""
-    if run_dir is not None:
-        append_jsonl(run_dir / EVENTS_FILE, {"time": time.time(), **fields})
+def record_event(run_dir: Path | str | None, **fields) -> None:
+    """One line of ``events.jsonl`` (starts, checkpoints, resumes, skipped checkpoints), for operators.
+
+    ``run_dir``: the run folder, local or on object storage. Object stores cannot append: the file is
+    read and written again (a few lines per checkpoint), and a store that fails only costs the line.
+    """
+    if run_dir is None:
+        return
+    line = {"time": time.time(), **fields}
+    if not is_uri(run_dir):
+        append_jsonl(Path(run_dir) / EVENTS_FILE, line)
+        return
+    try:
+        folder = Location(str(run_dir))
+        folder.write_text(EVENTS_FILE, (folder.read_text(EVENTS_FILE) or "") + json.dumps(line) + "\n")
+    except (OSError, ConfigError) as exc:
+        print(f"warning: could not add to {run_dir}/{EVENTS_FILE}: {exc}")
 
 
 # -- RNG -------------------------------------------------------------------------------------------
@@ -162,7 +177,9 @@ def reported_checkpoints() -> list:
     return ordered
 
 
-def restore_state(rank: int, world: int, run_dir: Path | None) -> tuple[dict | None, str | None, set[str]]:
+def restore_state(
+    rank: int, world: int, run_dir: Path | str | None
+) -> tuple[dict | None, str | None, set[str]]:
     """The newest readable checkpoint's state (rank 0 picks it, every rank loads it), its path, and
     the folder names of all registered checkpoints (new checkpoints must not reuse them)."""
     import torch.distributed as dist

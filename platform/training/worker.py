@@ -293,7 +293,7 @@ def save_and_report(
         shutil.rmtree(tmp, ignore_errors=True)
     if setup.rank == 0:
         record_event(
-            setup.run_dir,
+            setup.events_at,
             event="checkpoint",
             name=dir_name,
             epoch=progress.epoch,
