@@ -73,7 +73,7 @@ def train_func(config: dict[str, Any]) -> None:
     logger = None
     if setup.rank == 0 and config.get("mlflow"):
         # Metrics the tracking server cannot take (it went away) wait in the run folder's spool file.
-        spool = f"{setup.run_dir or setup.checkpoint_root}/{METRICS_SPOOL}"
+        spool = f"{setup.run_folder}/{METRICS_SPOOL}"
         tracked = config["mlflow"]
         logger = MetricLogger(tracked["tracking_uri"], tracked["run_id"], spool=spool)
         # Steps and epochs replayed since the last checkpoint were logged before the failure.
@@ -227,7 +227,7 @@ def finish_epoch(
     if setup.rank == 0:
         # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun); in the
         # run folder, local or on object storage (checkpoint_root is its URI there).
-        write_history(setup.run_dir or setup.checkpoint_root, setup.cfg.optim.epochs, progress.history)
+        write_history(setup.run_folder, setup.cfg.optim.epochs, progress.history)
     progress.epoch, progress.batches_done = progress.epoch + 1, 0
 
 
@@ -293,7 +293,7 @@ def save_and_report(
         shutil.rmtree(tmp, ignore_errors=True)
     if setup.rank == 0:
         record_event(
-            setup.events_at,
+            setup.run_folder,
             event="checkpoint",
             name=dir_name,
             epoch=progress.epoch,

@@ -35,8 +35,8 @@ class WorkerSetup:
         return self.run_dir / WORKERS_DIR if self.run_dir is not None else None
 
     @property
-    def events_at(self) -> Path | str:
-        """The run folder that ``events.jsonl`` goes to: the local one, else the one on object storage."""
+    def run_folder(self) -> Path | str:
+        """The run folder: the local one, else its URI on object storage."""
         return self.run_dir if self.run_dir is not None else self.checkpoint_root
 
 
@@ -67,10 +67,10 @@ class Progress:
 
 def restore_progress(setup: WorkerSetup, modules: Modules) -> Progress:
     """Load the newest readable registered checkpoint into ``modules``; its position, or a fresh start."""
-    state, restored_from, taken = restore_state(setup.rank, setup.world, setup.events_at)
+    state, restored_from, taken = restore_state(setup.rank, setup.world, setup.run_folder)
     if state is None:
         if setup.rank == 0:
-            record_event(setup.events_at, event="start", epoch=0)
+            record_event(setup.run_folder, event="start", epoch=0)
         return Progress(taken_names=taken)
     modules.core.load_state_dict(state["model"])
     modules.optimizer.load_state_dict(state["optimizer"])
@@ -98,7 +98,7 @@ def restore_progress(setup: WorkerSetup, modules: Modules) -> Progress:
             f"batch {progress.batches_done} of {setup.steps_per_epoch}"
         )
         record_event(
-            setup.events_at,
+            setup.run_folder,
             event="resume",
             checkpoint=restored_from,
             epoch=progress.epoch,
