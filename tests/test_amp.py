@@ -54,8 +54,17 @@ def test_op_under_cpu_bf16_autocast(cpu_op):
     )
 
 
-def test_amp_modes_checked():
+def test_amp_modes_checked(monkeypatch):
     assert amp_dtype("bf16", "cpu") == torch.bfloat16 and amp_dtype("none", "cpu") is None
+    # auto: bf16 only on a CPU with bf16 arithmetic (AMX or AVX512-BF16), else fp32.
+    for amx, avx512_bf16, expected in (
+        (False, False, None),
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert amp_dtype("auto", "cpu") == expected
     assert amp_dtype("fp16", "cuda") == torch.float16
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         amp_dtype("fp16", "cpu")

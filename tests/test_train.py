@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sdetr.detector.data.synth import generate_synthetic_coco
 from sdetr.detector.errors import ConfigError, DataError
@@ -50,6 +51,27 @@ def test_short_training_lowers_the_loss(small_synth, tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["checkpoint_epoch0010.pth", "checkpoint_epoch0011.pth"]
+    # train.channels_last (the default) trained the convolutions in NHWC order.
+    state = torch.load(tmp_path / "run" / "checkpoints" / kept[-1], weights_only=True)["model"]
+    convs = [v for k, v in state.items() if v.dim() == 4]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
+
+
+def test_channels_last_gives_the_same_outputs():
+    """train.channels_last changes only the memory order: the same outputs, up to rounding."""
+    from sdetr.detector.build import build_model
+    from tests.test_model import padded_batch
+
+    model = build_model(get_preset("tiny_sparse_detr_rho_0.1").model).eval()
+    images, masks = padded_batch([(96, 128), (80, 112)], seed=1)
+    with torch.no_grad():
+        plain = model(images, masks)
+        model = model.to(memory_format=torch.channels_last)
+        nhwc = model(images, masks)
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(nhwc[key], plain[key], atol=1e-4, rtol=1e-4)
 
 
 def test_rerun_resumes_skips_corrupt_and_refuses_other_configs(small_synth, tmp_path):

@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = (
     "train.time_limit_s",
     "data.num_workers",
     "train.output_dir",
+    "train.channels_last",  # memory order only
 )
 # On top of those, for Ray runs: how often to checkpoint and log.
 RESUMABLE_DISTRIBUTED = (

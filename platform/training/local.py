@@ -154,6 +154,8 @@ def train(
     if not existing and cfg.train.init_from:
         init_from_checkpoint(model, cfg, log)
     model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # conv weights NHWC; their outputs follow
     criterion = build_criterion(cfg.model, cfg.loss).to(device)
     postprocess = PostProcess()
     optimizer, scheduler = build_optimizer(model, cfg.optim, global_batch=cfg.optim.batch_size)

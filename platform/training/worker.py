@@ -114,6 +114,8 @@ def build_modules(setup: WorkerSetup) -> Modules:
         # Fine-tuning: every rank loads the same checkpoint before DDP wraps the model (a resumed run
         # then restores its own checkpoint over it); the report is printed once, by rank 0.
         init_from_checkpoint(model, cfg, log=print if setup.rank == 0 else None)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # conv weights NHWC; their outputs follow
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     core = model.module if hasattr(model, "module") else model
     optimizer, scheduler = build_optimizer(core, cfg.optim, global_batch=cfg.optim.batch_size * setup.world)
