@@ -202,7 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--queries", default=",".join(QUERIES), help="subset of " + ",".join(QUERIES).replace("%", "%%"))
+    p.add_argument(
+        "--queries", default=",".join(QUERIES), help="subset of " + ",".join(QUERIES).replace("%", "%%")
+    )
     p.add_argument("--dtypes", default=None, help="cpu: float32 (default); cuda: float32,float16,bfloat16")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--_probe", help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ from sdetr.detector.errors import ConfigError
 from sdetr.platform import tracking
 from sdetr.platform.cli.main import main
 from sdetr.platform.layout import (
+    COST_FILE,
     DYNAMIC_RHO_FILE,
     EVENTS_FILE,
     HISTORY_FILE,
@@ -31,6 +32,7 @@ from sdetr.platform.layout import (
     TRIALS_DIR,
 )
 from sdetr.platform.metric_logger import MetricLogger
+from sdetr.platform.pareto import pareto_mask
 from sdetr.platform.shards.writer import shard_coco
 from sdetr.platform.storage import Location
 from sdetr.platform.training.report import read_history
@@ -155,8 +157,10 @@ def _epochs_on_storage(sweep: Location) -> dict[str, int]:
 def test_sweep_on_s3_into_the_server_killed_and_resumed(servers, tmp_path, capsys):
     """The cluster set-up end to end: shards, trial folders, checkpoints and MLflow artifacts on the
     S3-API server, tracking in the PostgreSQL-backed `mlflow server`. The sweep's driver is SIGKILLed
-    once a trial has finished an epoch; the same command then finishes it. Exactly one MLflow run per
-    trial, each epoch logged once; `sweep status`, `pareto` and `eval --checkpoint s3://...` work."""
+    once a trial has finished an epoch; `sweep resume` then finishes it. Exactly one MLflow run per trial,
+    each epoch and the cost logged once, the front marked; `sweep status`, `pareto` and `eval --checkpoint
+    s3://...` work; the same `sweep run` again finds the sweep finished without starting Ray. (The one
+    kill-and-resume sweep of the suite: local storage takes the same paths through `storage.Location`.)"""
     generate_synthetic_coco(tmp_path / "coco", n_train=8, n_val=2, seed=3, min_size=80, max_size=96)
     shard_coco(tmp_path / "coco", tmp_path / "shards", shard_size=8, progress=False)
     data = f"s3://{BUCKET}/cluster/shards"
@@ -188,8 +192,10 @@ def test_sweep_on_s3_into_the_server_killed_and_resumed(servers, tmp_path, capsy
     out = capsys.readouterr().out
     assert f"sweep {name}: stopped" in out and "trials completed" in out, out
 
+    # `sweep resume`, the tracking URI given again as for a server whose URI carries a password.
+    resume = sdetr("sweep", "resume", name, "--storage", storage, "--mlflow-uri", uri)
     again = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=900, start_new_session=True
+        resume, capture_output=True, text=True, env=env, timeout=900, start_new_session=True
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert _epochs_on_storage(sweep) == {t: 2 for t in before} and len(before) == 2
@@ -211,16 +217,30 @@ def test_sweep_on_s3_into_the_server_killed_and_resumed(servers, tmp_path, capsy
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == len(runs) - 1 == 2
     assert {r.data.tags["sdetr.trial_id"] for r in children} == set(before)
+    gflops = {}
     for run in children:
         for key in ("val/AP", "epoch", "epoch/train_loss"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == [0, 1], (run.data.tags["sdetr.trial_id"], key, steps)
+        cost = sweep.child(TRIALS_DIR, run.data.tags["sdetr.trial_id"]).read_json(COST_FILE)
+        assert run.data.metrics["cost/gflops"] == pytest.approx(cost["gflops"])
+        assert len(client.get_metric_history(run.info.run_id, "cost/gflops")) == 1
+        assert float(run.data.params["model.rho"]) == float(run.data.params["sweep.model.rho"])
+        gflops[float(run.data.params["model.rho"])] = cost["gflops"]
         assert run.data.tags["pareto_optimal"] in ("true", "false")
         assert not sweep.child(TRIALS_DIR, run.data.tags["sdetr.trial_id"]).exists(METRICS_SPOOL)
         # The pictures of each evaluation, in the trial's folder on object storage and in its run.
         trial_folder = sweep.child(TRIALS_DIR, run.data.tags["sdetr.trial_id"])
         assert trial_folder.list_files("pictures/epoch_002"), trial_folder
         assert client.list_artifacts(run.info.run_id, "pictures/epoch_002")
+    assert gflops[0.1] < gflops[0.5]
+    # The front marked in MLflow is the front of the (AP, GFLOPs) points.
+    points = [
+        {"AP": r.data.metrics["val/AP"], "gflops": r.data.metrics["cost/gflops"], "id": r.info.run_id}
+        for r in children
+    ]
+    expected = {p["id"] for p, on in zip(points, pareto_mask(points)) if on}
+    assert {r.info.run_id for r in children if r.data.tags["pareto_optimal"] == "true"} == expected
     pareto = {a.path for a in client.list_artifacts(parents[0].info.run_id, "pareto")}
     assert pareto == {"pareto/pareto.csv", "pareto/pareto.png", "pareto/pareto.html"}
     assert sweep.parent().child("mlartifacts").list_dirs()  # the artifacts went to the S3-API server
@@ -243,6 +263,15 @@ def test_sweep_on_s3_into_the_server_killed_and_resumed(servers, tmp_path, capsy
     assert sweep.child(TRIALS_DIR, trial).read_json(DYNAMIC_RHO_FILE)["points"][0]["rho"] == 0.1
     run_id = next(r.info.run_id for r in children if r.data.tags["sdetr.trial_id"] == trial)
     assert len(client.get_metric_history(run_id, "dynamic_rho/AP")) == 2
+
+    # Running the same file on the finished sweep changes nothing, and starts no Ray cluster to find that out.
+    again = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=600, start_new_session=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "has finished" in again.stdout and "Started a local Ray" not in again.stdout + again.stderr
+    assert len(client.search_runs([exp.experiment_id], max_results=100)) == 3
+    assert _epochs_on_storage(sweep) == {t: 2 for t in before}
 
 
 def test_metrics_kept_after_a_run_ended_are_sent_by_pareto(servers, capsys):
