@@ -66,8 +66,11 @@ def train_func(config: dict[str, Any]) -> None:
         (setup.workers_dir / f"rank{setup.rank}.pid").write_text(f"{os.getpid()}\n")
     torch.set_num_threads(int(config.get("threads", 1)))
     if setup.device.type == "cpu":
-        # Cheap on CPU; with gloo's fixed-order all-reduce, runs repeat bit for bit.
+        # Cheap on CPU; with gloo's fixed-order all-reduce, runs repeat bit for bit. Not its NaN fill of
+        # every new tensor (a check for reads of uninitialised memory, not needed for determinism): 9 % of
+        # a bf16 demo step's CPU time (docs/benchmarks.md, "Demo").
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     modules = build_modules(setup)
     progress = restore_progress(setup, modules)
     logger = None
