@@ -153,9 +153,9 @@ class TrainConfig:
     # with a gradient scaler) | auto (bf16 where the device has bf16 arithmetic: a GPU that supports it, a
     # CPU with AMX or AVX512-BF16; else none). `amp_dtype` checks it against the device.
     amp: str = "none"
-    # Convolution weights and images in channels-last (NHWC) memory order while training and evaluating:
-    # the same results up to rounding; oneDNN's and cuDNN's faster layout (a demo step 14 % faster in fp32
-    # and 21 % in bf16 on this machine's CPU, docs/benchmarks.md).
+    # Convolution weights in channels-last (NHWC) memory order while training (their activations follow):
+    # the same results up to rounding, in oneDNN's and cuDNN's faster layout (a `mini_*` step alone on this
+    # machine's CPU 14 % quicker in fp32 and 21 % in bf16; docs/benchmarks.md, "Demo").
     channels_last: bool = True
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     keep_checkpoints: int = 2
