@@ -13,6 +13,7 @@ resetting it through /proc/self/clear_refs, glibc told to return freed blocks), 
 
     python benchmarks/kda.py                 # CPU, fp32, torch's thread count
     python benchmarks/kda.py --threads 1
+    python benchmarks/kda.py --device cuda   # the Triton kernels, fp32 and bf16; peak memory from torch.cuda
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ TOKENS = sum(h * w for h, w in LEVELS)  # 18,549
 HIGH = TOKENS - LEVELS[0][0] * LEVELS[0][1]  # 4,639: H3L1's high-level tokens
 QUERIES = {"high": HIGH, "all": TOKENS}
 IMPLS = ("pytorch", "compiled")
+DEFAULT_DTYPES = {"cpu": "float32", "cuda": "float32,bfloat16"}
 
 
-def make_inputs(lq: int, separate_key: bool, seed: int = 0):
+def make_inputs(lq: int, separate_key: bool, seed: int = 0, device: str = "cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     ss = torch.tensor(LEVELS, dtype=torch.long)
     lsi = torch.cat([ss.new_zeros(1), (ss[:, 0] * ss[:, 1]).cumsum(0)[:-1]])
@@ -49,7 +51,11 @@ def make_inputs(lq: int, separate_key: bool, seed: int = 0):
     ref = torch.rand(1, lq, 1, 1, 1, 2, generator=g)
     offsets = torch.randn(1, lq, HEADS, len(LEVELS), POINTS, 2, generator=g) * 2.0
     loc = ref + offsets / ss.flip(-1)[None, None, None, :, None, :]
-    return query, value, key, ss, lsi, loc
+
+    def to(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    return to(query), to(value), to(key), ss.to(device), lsi.to(device), to(loc)
 
 
 def impl_fn(name: str):
@@ -71,13 +77,21 @@ def run_once(fn, inputs, backward: bool, grad_out=None):
     return out
 
 
+def sync(inputs) -> None:
+    if inputs[1].is_cuda:
+        torch.cuda.synchronize()
+
+
 def time_pair(inputs, backward: bool, repeats: int) -> dict[str, list[float]]:
     """Seconds per call: one warm-up each, then `repeats` rounds running both back to back (alternating which
-    goes first) so that both see the same load on a shared machine."""
+    goes first) so that both see the same load on a shared machine. On CUDA the device is synchronised
+    before and after each call."""
     runs = {}
     for impl in IMPLS:
         ins = with_grad(inputs) if backward else inputs
-        grad_out = torch.randn(1, ins[0].shape[1], HEADS * CHANNELS) if backward else None
+        grad_out = None
+        if backward:
+            grad_out = torch.randn(1, ins[0].shape[1], HEADS * CHANNELS).to(ins[1])
         runs[impl] = (impl_fn(impl), ins, grad_out)
     times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for i in range(repeats + 1):
@@ -86,8 +100,10 @@ def time_pair(inputs, backward: bool, repeats: int) -> dict[str, list[float]]:
             for t in ins:
                 if t is not None:
                     t.grad = None
+            sync(ins)
             t0 = time.perf_counter()
             run_once(fn, ins, backward, grad_out)
+            sync(ins)
             if i > 0:
                 times[impl].append(time.perf_counter() - t0)
     return times
@@ -132,6 +148,18 @@ def peak_memory(impl: str, lq: int, separate_key: bool, backward: bool, threads:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def cuda_peak_memory(impl: str, inputs, backward: bool) -> float:
+    """torch.cuda.max_memory_allocated above the memory held before one call."""
+    ins = with_grad(inputs) if backward else inputs
+    grad_out = torch.randn(1, ins[0].shape[1], HEADS * CHANNELS).to(ins[1]) if backward else None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_once(impl_fn(impl), ins, backward, grad_out)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def mib(b: float | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
@@ -141,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtypes", default=None, help="cpu: float32 (default); cuda: float32,bfloat16")
     p.add_argument("--_probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._probe:
@@ -150,35 +180,45 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
     ops.build()
+    dtypes = [getattr(torch, d) for d in (args.dtypes or DEFAULT_DTYPES[args.device]).split(",")]
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    print(f"kda benchmark ({stamp}), torch {torch.__version__}, {threads} threads, fp32")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{threads} threads"
+    print(f"kda benchmark ({stamp}), torch {torch.__version__}, {where}")
     shape = f"value [1, {TOKENS}, {HEADS}, {CHANNELS}], {POINTS} points"
     print(f"{shape}; median of {args.repeats} interleaved runs")
     print()
-    print("| queries | keys | pass | pytorch ms | compiled ms | speed-up | pytorch MiB | compiled MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| queries | keys | dtype | pass | pytorch ms | compiled ms | speed-up | pytorch MiB | compiled MiB |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     worst = float("inf")
-    for qname, lq in QUERIES.items():
-        for separate_key in (False, True):
-            inputs = make_inputs(lq, separate_key)
-            for backward in (False, True):
-                times = time_pair(inputs, backward, args.repeats)
-                mem = {
-                    impl: None if args.no_memory else peak_memory(impl, lq, separate_key, backward, threads)
-                    for impl in IMPLS
-                }
-                med = {impl: statistics.median(times[impl]) * 1e3 for impl in IMPLS}
-                speedup = med["pytorch"] / med["compiled"]
-                if backward:
-                    worst = min(worst, speedup)
-                keys = "own" if separate_key else "values"
-                pass_ = "fwd+bwd" if backward else "forward"
-                print(
-                    f"| {lq:,} ({qname}) | {keys} | {pass_} | {med['pytorch']:.1f} | {med['compiled']:.1f} | "
-                    f"{speedup:.1f}x | {mib(mem['pytorch'])} | {mib(mem['compiled'])} |",
-                    flush=True,
-                )
+    cases = [(q, lq, sk, dt) for q, lq in QUERIES.items() for sk in (False, True) for dt in dtypes]
+    for qname, lq, separate_key, dtype in cases:
+        inputs = make_inputs(lq, separate_key, device=args.device, dtype=dtype)
+        for backward in (False, True):
+            times = time_pair(inputs, backward, args.repeats)
+            if args.no_memory or (args.device == "cpu" and dtype != torch.float32):
+                mem = dict.fromkeys(IMPLS)
+            elif args.device == "cuda":
+                mem = {impl: cuda_peak_memory(impl, inputs, backward) for impl in IMPLS}
+            else:
+                mem = {impl: peak_memory(impl, lq, separate_key, backward, threads) for impl in IMPLS}
+            med = {impl: statistics.median(times[impl]) * 1e3 for impl in IMPLS}
+            speedup = med["pytorch"] / med["compiled"]
+            if backward:
+                worst = min(worst, speedup)
+            keys = "own" if separate_key else "values"
+            pass_ = "fwd+bwd" if backward else "forward"
+            dname = str(dtype).removeprefix("torch.")
+            print(
+                f"| {lq:,} ({qname}) | {keys} | {dname} | {pass_} | {med['pytorch']:.2f} | "
+                f"{med['compiled']:.2f} | {speedup:.1f}x | {mib(mem['pytorch'])} | {mib(mem['compiled'])} |",
+                flush=True,
+            )
     print()
     print(f"smallest forward+backward speed-up: {worst:.1f}x (target: >= 5x)")
     return 0

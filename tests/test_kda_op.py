@@ -64,8 +64,9 @@ def grads(fn, inputs, seed=1):
     leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
     out, weights = fn(*leaves)
     g = torch.Generator().manual_seed(seed)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
-    loss = loss + (weights * torch.randn(weights.shape, generator=g, dtype=weights.dtype)).sum()
+    # Drawn in fp64 on the CPU whatever the outputs' dtype and device: the same projection for every run.
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)).sum()
+    loss = loss + (weights * torch.randn(weights.shape, generator=g, dtype=torch.float64).to(weights)).sum()
     wrt = [t for t in leaves if t is not None and t.is_floating_point()]
     return out, weights, torch.autograd.grad(loss, wrt)
 
@@ -225,8 +226,12 @@ def test_triton_kernels_under_interpreter_match_reference():
 
 @pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
 @pytest.mark.parametrize("value_dtype, shared", [("fp32", True), ("bf16", False)])
-def test_triton_kernels_compile_ahead_of_time(capability, value_dtype, shared, tmp_path, monkeypatch):
-    from sdetr.detector.ops.triton_util import aot_compile, triton_available
+@pytest.mark.parametrize("specialised", [False, True], ids=["generic", "as_jit"])
+def test_triton_kernels_compile_ahead_of_time(
+    capability, value_dtype, shared, specialised, tmp_path, monkeypatch
+):
+    """Generic, and as a GPU's JIT compiles a launch at the papers' shape (aligned pointers, D = 32)."""
+    from sdetr.detector.ops.triton_util import aot_compile, jit_divisible_by_16, triton_available
 
     if not triton_available():
         pytest.skip("triton is not installed")
@@ -234,9 +239,83 @@ def test_triton_kernels_compile_ahead_of_time(capability, value_dtype, shared, t
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # really compile, not find an earlier cubin
     for kernel, (signature, constexprs) in triton_kda.aot_signatures(value_dtype, shared=shared).items():
-        compiled = aot_compile(kernel, signature, constexprs, capability, num_warps=triton_kda.NUM_WARPS)
+        divisible = jit_divisible_by_16(signature) if specialised else ()
+        compiled = aot_compile(
+            kernel,
+            signature,
+            constexprs,
+            capability,
+            num_warps=triton_kda.NUM_WARPS,
+            divisible_by_16=divisible,
+        )
         cubin = compiled.asm["cubin"]
         assert isinstance(cubin, bytes) and cubin[:4] == b"\x7fELF" and len(cubin) > 1000
         assert f".target sm_{capability}" in compiled.asm["ptx"]
         if kernel is triton_kda.kda_backward_kernel:
             assert "atom.global" in compiled.asm["ptx"] or "red.global" in compiled.asm["ptx"]
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU (marker `cuda`, run by benchmarks/gpu_check.sh): the registered CUDA op (the Triton kernels)
+# --------------------------------------------------------------------------------------------------
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def _to_cuda(inputs):
+    return [t.cuda() if t is not None else None for t in inputs]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("separate_key", [False, True])
+@pytest.mark.parametrize("cfg", sorted(CONFIGS))
+def test_cuda_matches_the_cpu_op_fp64(op, cfg, separate_key):
+    """Output, weights and every gradient of the op on CUDA tensors equal the CPU op's in fp64."""
+    inputs = make_inputs(**CONFIGS[cfg], separate_key=separate_key)
+    cpu = grads(op, inputs)
+    gpu = grads(op, _to_cuda(inputs))
+    assert gpu[0].device.type == "cuda"
+    for a, b in zip([gpu[0], gpu[1], *gpu[2]], [cpu[0], cpu[1], *cpu[2]]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("separate_key", [False, True])
+def test_cuda_gradcheck_fp64(op, separate_key):
+    query, value, key, ss, lsi, loc = _to_cuda(make_inputs(**CONFIGS["D4"], separate_key=separate_key))
+    leaves = [t.requires_grad_() for t in (query, value, key, loc) if t is not None]
+
+    def f(*xs):
+        q, v, *rest = xs
+        k, lc = (rest[0], rest[1]) if separate_key else (None, rest[0])
+        return op(q, v, k, ss, lsi, lc)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, nondet_tol=1e-12)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_cuda_low_precision(op, dtype, tol):
+    """fp32 and the reduced precisions on the GPU against the fp64 reference: values and gradients."""
+    inputs64 = make_inputs(**CONFIGS["D32"], separate_key=True)
+    inputs = _to_cuda(make_inputs(**CONFIGS["D32"], separate_key=True, dtype=dtype))
+    out, weights, g = grads(op, inputs)
+    assert out.dtype == dtype and weights.dtype == dtype and all(t.dtype == dtype for t in g)
+    ref_out, ref_weights, ref_g = grads(reference, inputs64)
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(weights.cpu().double(), ref_weights, rtol=tol, atol=tol)
+    for a, b in zip(g, ref_g):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.cpu().double(), b, rtol=tol, atol=tol * max(scale, 1.0))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_opcheck(op):
+    for separate_key in (False, True):
+        query, value, key, ss, lsi, loc = _to_cuda(make_inputs(**CONFIGS["D4"], separate_key=separate_key))
+        grad_args = [t.requires_grad_() if t is not None else t for t in (query, value, key)]
+        torch.library.opcheck(torch.ops.sdetr.kda.default, (*grad_args, ss, lsi, loc.requires_grad_()))

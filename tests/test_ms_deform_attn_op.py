@@ -441,3 +441,25 @@ def test_cuda_low_precision(cuda_op, dtype, loc_dtype):
 def test_cuda_opcheck(cuda_op):
     args = make_inputs(**CONFIGS["D32"], device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.sdetr.ms_deform_attn.default, args)
+
+
+def test_cuda_backward_alerts_under_deterministic_algorithms():
+    """The CUDA backwards sum with atomics: torch's rule for such ops (an error under
+    use_deterministic_algorithms(True), a warning with warn_only=True, silence otherwise)."""
+    from sdetr.detector.ops.cuda_impl import alert_not_deterministic
+
+    was, was_warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        torch.use_deterministic_algorithms(False)
+        alert_not_deterministic("sdetr::test_op")  # nothing
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="sdetr::test_op does not have a deterministic implementation"):
+            alert_not_deterministic("sdetr::test_op")
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="sdetr::test_op .* warn_only=True"):
+            alert_not_deterministic("sdetr::test_op")
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn_only)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -20,6 +21,24 @@ from sdetr.detector.ops.triton_util import triton_available
 CUDA_IMPL_ENV = "SDETR_MSDA_CUDA_IMPL"
 _IMPLS = ("triton", "cpp")
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def alert_not_deterministic(op: str) -> None:
+    """torch's rule for an op without a deterministic implementation: under
+    ``torch.use_deterministic_algorithms(True)`` a RuntimeError, with ``warn_only=True`` a warning.
+
+    (torch has no public Python hook for this; the check is the one its own CUDA kernels make.)
+    """
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (
+        f"{op} does not have a deterministic implementation (gradients are summed with atomic adds), "
+        "but 'torch.use_deterministic_algorithms(True)' is set; pass warn_only=True to allow it"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
 
 
 def cpp_cuda_kernels() -> bool:
@@ -148,6 +167,6 @@ def backward_cuda(
     from sdetr.detector.ops import triton_msda
 
     # grad_value is summed with atomics, in an order that varies between runs.
-    torch._C._alert_not_deterministic("sdetr::ms_deform_attn_backward (CUDA)")
+    alert_not_deterministic("sdetr::ms_deform_attn_backward (CUDA, Triton)")
     with _on_device(value):
         return triton_msda.ms_deform_attn_backward(*args)

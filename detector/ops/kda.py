@@ -108,6 +108,10 @@ def _cuda_forward(query, value, key, spatial_shapes, level_start_index, sampling
 
 def _cuda_backward(grad_output, grad_w, query, value, key, spatial_shapes, level_start_index, loc, attn):
     from sdetr.detector.ops import triton_kda  # triton: optional, imported only on the GPU path
+    from sdetr.detector.ops.cuda_impl import alert_not_deterministic
+
+    # The value, key and location gradients are summed with atomics, in an order that varies between runs.
+    alert_not_deterministic("sdetr::kda_backward (CUDA, Triton)")
 
     return triton_kda.kda_backward(
         grad_output, grad_w, query, value, key, spatial_shapes, level_start_index, loc, attn

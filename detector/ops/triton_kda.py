@@ -62,10 +62,13 @@ if triton is not None:
         m10 = oky1 & okx0
         m11 = oky1 & okx1
         base = level + (y0 * W + x0) * row_stride
-        o00 = tl.where(m00, base, 0)
-        o01 = tl.where(m01, base + row_stride, 0)
-        o10 = tl.where(m10, base + W * row_stride, 0)
-        o11 = tl.where(m11, base + (W + 1) * row_stride, 0)
+        # Offsets of invalid corners are computed but never dereferenced: every load and atomic add
+        # of a corner is masked by its validity. (Selecting 0 for them with tl.where broke Triton 3.6's
+        # layout pass for D divisible by 16: 'arith.select' with mismatched layouts on sm_90.)
+        o00 = base
+        o01 = base + row_stride
+        o10 = base + W * row_stride
+        o11 = base + (W + 1) * row_stride
         w00 = (1.0 - fx) * (1.0 - fy)
         w01 = fx * (1.0 - fy)
         w10 = (1.0 - fx) * fy
@@ -104,7 +107,7 @@ if triton is not None:
         S,
         M,
         D,
-        scale,
+        scale_ptr,  # ACC [1]: 1 / sqrt(D)
         L: tl.constexpr,
         P: tl.constexpr,
         SHARED: tl.constexpr,
@@ -114,6 +117,8 @@ if triton is not None:
         ACC: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+        # From memory, in ACC: a Python float argument would reach the kernel as fp32, even for fp64.
+        scale = tl.load(scale_ptr)
         chans = tl.arange(0, BLOCK_D)
         row_ok = rows < G
         chan_ok = chans < D
@@ -184,7 +189,7 @@ if triton is not None:
         S,
         M,
         D,
-        scale,
+        scale_ptr,  # ACC [1]: 1 / sqrt(D)
         L: tl.constexpr,
         P: tl.constexpr,
         SHARED: tl.constexpr,
@@ -194,6 +199,8 @@ if triton is not None:
         ACC: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+        # From memory, in ACC: a Python float argument would reach the kernel as fp32, even for fp64.
+        scale = tl.load(scale_ptr)
         chans = tl.arange(0, BLOCK_D)
         row_ok = rows < G
         chan_ok = chans < D
@@ -299,6 +306,11 @@ def _acc_tl(acc: torch.dtype):
     return tl.float64 if acc == torch.float64 else tl.float32
 
 
+def _scale(d: int, acc: torch.dtype, device) -> Tensor:
+    """1 / sqrt(D) as a one-element ACC tensor (computed in double precision, as the CPU op does)."""
+    return torch.full((1,), d**-0.5, dtype=acc, device=device)
+
+
 def blocks(d: int, backward: bool = False) -> tuple[int, int]:
     """(BLOCK_G, BLOCK_D): all D channels in one block, rows filling the tile (half a tile for the backward,
     which holds four [rows, D] tiles across its points)."""
@@ -332,7 +344,7 @@ def kda_forward(query, value, key, spatial_shapes, level_start_index, sampling_l
         return out, weights
     block_g, block_d = blocks(d)
     kda_forward_kernel[(triton.cdiv(rows, block_g),)](
-        q, v, k, ss, lsi, loc, out, weights, rows, lq, s, m, d, d**-0.5,
+        q, v, k, ss, lsi, loc, out, weights, rows, lq, s, m, d, _scale(d, acc, v.device),
         L=n_levels, P=n_points, SHARED=key is None, BLOCK_G=block_g, BLOCK_D=block_d,
         BLOCK_LP=next_power_of_2(n_levels * n_points), ACC=_acc_tl(acc), num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -363,7 +375,7 @@ def kda_backward(grad_output, grad_weights, query, value, key, spatial_shapes, l
         block_g, block_d = blocks(d, backward=True)
         kda_backward_kernel[(triton.cdiv(rows, block_g),)](
             go, gw, q, v, k, ss, lsi, loc_acc, a, grad_q, grad_v, grad_k, grad_loc,
-            rows, lq, s, m, d, d**-0.5,
+            rows, lq, s, m, d, _scale(d, acc, v.device),
             L=n_levels, P=n_points, SHARED=key is None, HAS_GW=grad_weights is not None, BLOCK_G=block_g,
             BLOCK_D=block_d, ACC=_acc_tl(acc), num_warps=NUM_WARPS,
         )  # fmt: skip
@@ -377,7 +389,7 @@ def aot_signatures(value_dtype: str = "fp32", acc: str = "fp32", shared: bool = 
     block_g, block_d = blocks(32)
     block_gb, _ = blocks(32, backward=True)
     acc_tl = tl.float64 if acc == "fp64" else tl.float32
-    ints = {"G": "i32", "Lq": "i32", "S": "i32", "M": "i32", "D": "i32", "scale": acc}
+    ints = {"G": "i32", "Lq": "i32", "S": "i32", "M": "i32", "D": "i32", "scale_ptr": f"*{acc}"}
     tables = {"shapes_ptr": "*i64", "starts_ptr": "*i64"}
     data = {"q_ptr": f"*{value_dtype}", "value_ptr": f"*{value_dtype}", "key_ptr": f"*{value_dtype}"}
     common = {"L": 4, "P": 4, "SHARED": shared, "BLOCK_G": block_g, "BLOCK_D": block_d, "ACC": acc_tl}

@@ -73,10 +73,13 @@ if triton is not None:
         ok10 = vy1 & vx0
         ok11 = vy1 & vx1
         base = level + (y0 * W + x0) * row_stride
-        o00 = tl.where(ok00, base, 0)
-        o01 = tl.where(ok01, base + row_stride, 0)
-        o10 = tl.where(ok10, base + W * row_stride, 0)
-        o11 = tl.where(ok11, base + (W + 1) * row_stride, 0)
+        # Offsets of invalid corners are computed but never dereferenced: every load and atomic add
+        # of a corner is masked by its validity. (Selecting 0 for them with tl.where broke Triton 3.6's
+        # layout pass for D divisible by 16: 'arith.select' with mismatched layouts on sm_90.)
+        o00 = base
+        o01 = base + row_stride
+        o10 = base + W * row_stride
+        o11 = base + (W + 1) * row_stride
         return o00, o01, o10, o11, ok00, ok01, ok10, ok11, fx, fy
 
     @triton.jit

@@ -60,7 +60,22 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def aot_compile(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int = 4):
+def jit_divisible_by_16(signature: dict, ints: tuple[str, ...] = ("D",)) -> tuple[str, ...]:
+    """The arguments that a launch's JIT compile marks as multiples of 16: every pointer (torch's
+    allocations are aligned) and the named integer arguments whose value is one (D = 32 at the papers'
+    shapes). Pass to `aot_compile` to build what a GPU builds, which differs from the unmarked build."""
+    pointers = tuple(name for name, kind in signature.items() if kind.startswith("*"))
+    return pointers + tuple(name for name in ints if name in signature)
+
+
+def aot_compile(
+    kernel,
+    signature: dict,
+    constexprs: dict,
+    capability: int,
+    num_warps: int = 4,
+    divisible_by_16: tuple[str, ...] = (),
+):
     """Compile a ``@triton.jit`` kernel for CUDA compute capability ``capability`` (80 = sm_80) without a GPU.
 
     Args:
@@ -69,12 +84,17 @@ def aot_compile(kernel, signature: dict, constexprs: dict, capability: int, num_
             ``"i64"``, ``"fp32"``; constexpr arguments as ``"constexpr"``.
         constexprs: {argument name: value} of the ``tl.constexpr`` arguments.
         capability: 80, 90, ...
+        divisible_by_16: arguments to compile as multiples of 16, as the JIT specialises a launch whose
+            pointers are 16-byte aligned and whose integers divide by 16 (`jit_divisible_by_16`). Triton
+            3.6 failed to compile both kernels for sm_90 only with this specialisation.
     Returns:
         Triton's compiled kernel; ``.asm["cubin"]`` holds the machine code, ``.asm["ptx"]`` the PTX.
     """
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     # warp size 32 on every NVIDIA GPU.
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
