@@ -62,8 +62,9 @@ def next_power_of_2(n: int) -> int:
 
 def jit_divisible_by_16(signature: dict, ints: tuple[str, ...] = ("D",)) -> tuple[str, ...]:
     """The arguments that a launch's JIT compile marks as multiples of 16: every pointer (torch's
-    allocations are aligned) and the named integer arguments whose value is one (D = 32 at the papers'
-    shapes). Pass to `aot_compile` to build what a GPU builds, which differs from the unmarked build."""
+    allocations are aligned) and the named integer arguments, whose values at the papers' shapes are
+    multiples of 16 (D = 32). Pass to `aot_compile` to build what a GPU builds for such a launch, which
+    differs from the unmarked build."""
     pointers = tuple(name for name, kind in signature.items() if kind.startswith("*"))
     return pointers + tuple(name for name in ints if name in signature)
 
