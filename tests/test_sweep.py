@@ -145,7 +145,10 @@ def test_moasha_over_detector_families_puts_them_on_one_plot(shards, tmp_path):
     epochs = epochs_done(sweep_dir)
     record = read_record(sweep_dir / "moasha.json")
     assert len(epochs) == 3 and set(epochs.values()) <= {1, 2} and 2 in epochs.values(), epochs
-    assert record["stopped_at"] == {t: 1 for t, n in epochs.items() if n == 1}
+    # Every trial with one epoch was stopped at the rung. A stopped trial can also have finished its
+    # second (last) epoch before Ray ended it (the epochs here take seconds): it then counts as completed.
+    assert set(record["stopped_at"].values()) <= {1}
+    assert {t for t, n in epochs.items() if n == 1} <= set(record["stopped_at"])
     for trial, n in epochs.items():
         assert rows[trial]["status"] == ("completed" if n == 2 else "stopped_early")
         # (the column exists only when some trial was stopped)
