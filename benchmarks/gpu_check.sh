@@ -18,10 +18,13 @@
 #               (one image repeated to the batch, no_grad, 5 warm-ups, CUDA synchronised around each
 #               forward; the paper's V100 B4FPS: 18.2 vs 26.5, ratio 1.46). The image is the official
 #               approximation's random 3x850x1040 one, or the first val image of $COCO_DIR when set.
-#   5. train    20 steps of tiny_sparse_detr_rho_0.1 on one Ray Train GPU worker (NCCL, bf16 autocast) on
+#   5. train_step  benchmarks/train_step.py --device cuda: R50 Sparse DETR and Efficient DETR training
+#               steps, fp32/bf16 x contiguous/channels-last, batch 2 at 800x1066/1199
+#      train    20 steps of tiny_sparse_detr_rho_0.1 on one Ray Train GPU worker (NCCL, bf16 autocast) on
 #               80 synthetic images (`sdetr data synth`)
 # On an H200 the steps took 224 s (docs/benchmarks.md), plus about a minute of nvcc where the CUDA C++
-# kernels are not built yet; the time limits (2-5 times those figures) add up to 10 minutes.
+# kernels are not built yet, and about 30 s for train_step (added after that run); the time limits (2-5
+# times those figures) add up to 11 minutes.
 # Everything goes to RESULTS_DIR: one log per step and results.json (per step: status, seconds, exit
 # code, and the figures it produced).
 #
@@ -93,6 +96,7 @@ if [[ -n "${COCO_DIR:-}" ]]; then val_args=(--val 1 --data "$COCO_DIR"); fi
 for preset in r50_efficient_detr r50_sparse_detr_rho_0.1; do
   run_step "fps_$preset" 35 "${sdetr[@]}" cost "$preset" --json --device cuda "${val_args[@]}"
 done
+run_step train_step 60 "$py" benchmarks/train_step.py --device cuda --rounds 3
 run_step train 100 bash -c '
   set -euo pipefail
   out="$0"  # then the sdetr command in "$@"
@@ -125,10 +129,10 @@ fps = {"b4fps": b4, "paper_v100_b4fps": {"r50_efficient_detr": 18.2, "r50_sparse
 if b4.get("r50_efficient_detr") and b4.get("r50_sparse_detr_rho_0.1"):
     fps["ratio_sparse_over_efficient"] = b4["r50_sparse_detr_rho_0.1"] / b4["r50_efficient_detr"]
     fps["paper_ratio"] = 1.46
-for name in ("op", "op_cpp", "kda"):
+for name in ("op", "op_cpp", "kda", "train_step"):
     if name in steps:
         lines = (out / f"{name}.log").read_text().splitlines()
-        steps[name]["table"] = [ln for ln in lines if re.search(r"\d+\.\dx", ln)]
+        steps[name]["table"] = [ln for ln in lines if re.search(r"\d+\.\d+x", ln)]
 if "tests" in steps:
     lines = (out / "tests.log").read_text().splitlines()
     summary = [ln for ln in lines if re.search(r"\d+ (passed|failed|skipped)", ln)]
