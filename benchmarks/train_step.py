@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdetr.detector.build import build_criterion, build_model
 from sdetr.detector.presets import get_preset
+from sdetr.platform.training.engine import to_float32
 
 DEFAULTS = {
     "cuda": ("r50_sparse_detr_rho_0.1,r50_efficient_detr", "800x1066,800x1199"),
@@ -67,16 +68,6 @@ def make_batch(sizes, num_classes: int, device: str, seed: int = 0):
     return images.to(device), masks.to(device), targets
 
 
-def _float32(x):
-    if torch.is_tensor(x):
-        return x.float() if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return {k: _float32(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_float32(v) for v in x)
-    return x
-
-
 class Runner:
     """One model, criterion and optimiser under one (amp, channels_last) option."""
 
@@ -99,7 +90,7 @@ class Runner:
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
             outputs = self.model(images, masks)
         # The losses in fp32, as the trainer computes them.
-        loss = self.criterion.weighted_total(self.criterion(_float32(outputs), targets))
+        loss = self.criterion.weighted_total(self.criterion(to_float32(outputs), targets))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -11,6 +11,7 @@ from sdetr.detector.build import build_criterion, build_model
 from sdetr.detector.config import ConfigError, amp_dtype
 from sdetr.detector.layers.ms_deform_attn import ms_deform_attn_pytorch
 from sdetr.detector.presets import get_preset
+from sdetr.platform.training.engine import to_float32
 from tests.test_model import padded_batch
 from tests.test_ms_deform_attn_op import CONFIGS, make_inputs
 
@@ -83,16 +84,6 @@ def _targets(n_classes: int, count: int, seed: int):
     return targets
 
 
-def _to_float(x):
-    if torch.is_tensor(x):
-        return x.float() if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return {k: _to_float(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_float(v) for v in x)
-    return x
-
-
 def test_tiny_sparse_detr_trains_under_cpu_bf16_autocast():
     torch.manual_seed(0)
     cfg = get_preset("tiny_sparse_detr_rho_0.1", ["train.amp=bf16"])
@@ -110,7 +101,7 @@ def test_tiny_sparse_detr_trains_under_cpu_bf16_autocast():
         for _ in range(5):
             with torch.autocast("cpu", dtype=dtype):
                 outputs = model(images, masks)
-            loss = criterion.weighted_total(criterion(_to_float(outputs), targets))
+            loss = criterion.weighted_total(criterion(to_float32(outputs), targets))
             assert torch.isfinite(loss), f"non-finite loss {loss.item()} after {len(losses)} steps"
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

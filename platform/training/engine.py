@@ -88,7 +88,7 @@ def train_one_epoch(
         with autocast(device, amp):
             outputs = _forward_train(model, images, masks, targets)
         # Losses in fp32: the Hungarian matcher and focal loss are sensitive to half precision.
-        outputs = _to_float(outputs)
+        outputs = to_float32(outputs)
         loss_dict = criterion(outputs, targets)
         loss = criterion.weighted_total(loss_dict)
         if not math.isfinite(loss.item()):
@@ -128,13 +128,17 @@ def train_one_epoch(
     return {k: v / max(count, 1) for k, v in sums.items()} | {"steps": float(count)}
 
 
-def _to_float(obj: Any) -> Any:
+def to_float32(obj: Any) -> Any:
+    """The model's outputs (nested dicts, lists and tuples of tensors) with floating tensors in fp32: what
+    the criterion and the post-processing get after an autocast forward."""
     if torch.is_tensor(obj):
         return obj.float() if obj.is_floating_point() else obj
     if isinstance(obj, dict):
-        return {k: _to_float(v) for k, v in obj.items()}
+        return {k: to_float32(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_float(v) for v in obj]
+        return [to_float32(v) for v in obj]
+    if type(obj) is tuple:  # not a named tuple, whose constructor takes fields
+        return tuple(to_float32(v) for v in obj)
     return obj
 
 
@@ -156,7 +160,7 @@ def predict(
         with autocast(device, amp):
             outputs = model(images, masks)
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocess(_to_float(outputs), orig_sizes)
+        results = postprocess(to_float32(outputs), orig_sizes)
         by_image = {int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)}
         detections.extend(results_to_detections(by_image, label_ids=label_ids))
     return detections
