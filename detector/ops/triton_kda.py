@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdetr.detector.ops.triton_util import import_triton, kernel_device_ok, next_power_of_2
+from sdetr.detector.ops.triton_util import acc_dtype, acc_tl, import_triton, kernel_device_ok, next_power_of_2
 
 triton = import_triton()
 
@@ -38,7 +38,8 @@ if triton is not None:
     @triton.jit
     def _locate(lx, ly, H, W, level, row_stride, row_ok):
         """Corners (y0,x0), (y0,x1), (y1,x0), (y1,x1) of the points (lx, ly) [BLOCK_G] on an H x W level:
-        element offsets from ``level`` (0 where outside), inside-masks, bilinear weights, and (fx, fy)."""
+        element offsets from ``level`` (meaningless where a corner is outside: read only under its mask),
+        inside-masks, bilinear weights, and (fx, fy)."""
         wf = W.to(lx.dtype)
         hf = H.to(lx.dtype)
         x = lx * wf - 0.5
@@ -81,6 +82,16 @@ if triton is not None:
         return tl.load(
             ptr + off[:, None] + chans[None, :], mask=ok[:, None] & chan_ok[None, :], other=0.0
         ).to(ACC)
+
+    @triton.jit
+    def _sample(
+        ptr, o00, o01, o10, o11, m00, m01, m10, m11, w00, w01, w10, w11, chans, chan_ok, ACC: tl.constexpr
+    ):
+        """[BLOCK_G, BLOCK_D] bilinear sample: the four corners' channels weighted by w_c."""
+        out = w00[:, None] * _corner(ptr, o00, m00, chans, chan_ok, ACC)
+        out += w01[:, None] * _corner(ptr, o01, m01, chans, chan_ok, ACC)
+        out += w10[:, None] * _corner(ptr, o10, m10, chans, chan_ok, ACC)
+        return out + w11[:, None] * _corner(ptr, o11, m11, chans, chan_ok, ACC)
 
     @triton.jit
     def _scatter(ptr, o00, o01, o10, o11, m00, m01, m10, m11, w00, w01, w10, w11, g, chans, chan_ok):
@@ -142,17 +153,12 @@ if triton is not None:
                 o00, o01, o10, o11, m00, m01, m10, m11, w00, w01, w10, w11, fx, fy = _locate(
                     lx, ly, H, W, level, row_stride, row_ok
                 )
-                v = w00[:, None] * _corner(value_ptr, o00, m00, chans, chan_ok, ACC)
-                v += w01[:, None] * _corner(value_ptr, o01, m01, chans, chan_ok, ACC)
-                v += w10[:, None] * _corner(value_ptr, o10, m10, chans, chan_ok, ACC)
-                v += w11[:, None] * _corner(value_ptr, o11, m11, chans, chan_ok, ACC)
+                corners = (o00, o01, o10, o11, m00, m01, m10, m11, w00, w01, w10, w11)
+                v = _sample(value_ptr, *corners, chans, chan_ok, ACC)
                 if SHARED:
                     k = v
                 else:
-                    k = w00[:, None] * _corner(key_ptr, o00, m00, chans, chan_ok, ACC)
-                    k += w01[:, None] * _corner(key_ptr, o01, m01, chans, chan_ok, ACC)
-                    k += w10[:, None] * _corner(key_ptr, o10, m10, chans, chan_ok, ACC)
-                    k += w11[:, None] * _corner(key_ptr, o11, m11, chans, chan_ok, ACC)
+                    k = _sample(key_ptr, *corners, chans, chan_ok, ACC)
                 s = tl.sum(q * k, axis=1) * scale
                 new_mx = tl.maximum(mx, s)
                 r = tl.exp(mx - new_mx)
@@ -226,17 +232,12 @@ if triton is not None:
                 o00, o01, o10, o11, m00, m01, m10, m11, w00, w01, w10, w11, fx, fy = _locate(
                     lx, ly, H, W, level, row_stride, row_ok
                 )
-                v = w00[:, None] * _corner(value_ptr, o00, m00, chans, chan_ok, ACC)
-                v += w01[:, None] * _corner(value_ptr, o01, m01, chans, chan_ok, ACC)
-                v += w10[:, None] * _corner(value_ptr, o10, m10, chans, chan_ok, ACC)
-                v += w11[:, None] * _corner(value_ptr, o11, m11, chans, chan_ok, ACC)
+                corners = (o00, o01, o10, o11, m00, m01, m10, m11, w00, w01, w10, w11)
+                v = _sample(value_ptr, *corners, chans, chan_ok, ACC)
                 if SHARED:
                     k = v
                 else:
-                    k = w00[:, None] * _corner(key_ptr, o00, m00, chans, chan_ok, ACC)
-                    k += w01[:, None] * _corner(key_ptr, o01, m01, chans, chan_ok, ACC)
-                    k += w10[:, None] * _corner(key_ptr, o10, m10, chans, chan_ok, ACC)
-                    k += w11[:, None] * _corner(key_ptr, o11, m11, chans, chan_ok, ACC)
+                    k = _sample(key_ptr, *corners, chans, chan_ok, ACC)
                 h = tl.sum(go * v, axis=1)
                 if HAS_GW:
                     h += tl.load(gw_ptr + i, mask=row_ok, other=0.0)
@@ -298,19 +299,6 @@ if triton is not None:
                     _scatter(gk_ptr, *corners, gkey, chans, chan_ok)
 
 
-def _acc(value: Tensor) -> torch.dtype:
-    return torch.float64 if value.dtype == torch.float64 else torch.float32
-
-
-def _acc_tl(acc: torch.dtype):
-    return tl.float64 if acc == torch.float64 else tl.float32
-
-
-def _scale(d: int, acc: torch.dtype, device) -> Tensor:
-    """1 / sqrt(D) as a one-element ACC tensor (computed in double precision, as the CPU op does)."""
-    return torch.full((1,), d**-0.5, dtype=acc, device=device)
-
-
 def blocks(d: int, backward: bool = False) -> tuple[int, int]:
     """(BLOCK_G, BLOCK_D): all D channels in one block, rows filling the tile (half a tile for the backward,
     which holds four [rows, D] tiles across its points)."""
@@ -325,16 +313,25 @@ def _check(query: Tensor, value: Tensor, key: Tensor | None, loc: Tensor) -> Non
     torch._check(kernel_device_ok(value.device), lambda: f"kda (Triton): unsupported device {value.device}")
 
 
-def kda_forward(query, value, key, spatial_shapes, level_start_index, sampling_locations):
-    """Forward with the Triton kernel; shapes as ``torch.ops.sdetr.kda``. Returns (output [N, Lq, M*D],
-    attention_weights [N, Lq, M, L, P]) in value's dtype."""
-    _check(query, value, key, sampling_locations)
-    acc = _acc(value)
+def _prepare(query, value, key, spatial_shapes, level_start_index, loc):
+    """Checked, contiguous kernel inputs: (ACC dtype, q, v, k (v when keys are the values), shapes and
+    level starts as int64 on value's device, locations in ACC, and 1 / sqrt(D) as a one-element ACC
+    tensor, computed in double precision as the CPU op does)."""
+    _check(query, value, key, loc)
+    acc = acc_dtype(value)
     q, v = query.contiguous(), value.contiguous()
     k = v if key is None else key.contiguous()
     ss = spatial_shapes.to(device=v.device, dtype=torch.long).contiguous()
     lsi = level_start_index.to(device=v.device, dtype=torch.long).contiguous()
-    loc = sampling_locations.to(acc).contiguous()
+    scale = torch.full((1,), max(v.shape[-1], 1) ** -0.5, dtype=acc, device=v.device)
+    return acc, q, v, k, ss, lsi, loc.to(acc).contiguous(), scale
+
+
+def kda_forward(query, value, key, spatial_shapes, level_start_index, sampling_locations):
+    """Forward with the Triton kernel; shapes as ``torch.ops.sdetr.kda``. Returns (output [N, Lq, M*D],
+    attention_weights [N, Lq, M, L, P]) in value's dtype."""
+    prepared = _prepare(query, value, key, spatial_shapes, level_start_index, sampling_locations)
+    acc, q, v, k, ss, lsi, loc, scale = prepared
     n, s, m, d = v.shape
     _, lq, _, n_levels, n_points, _ = loc.shape
     out = torch.zeros((n, lq, m * d), dtype=v.dtype, device=v.device)
@@ -344,9 +341,9 @@ def kda_forward(query, value, key, spatial_shapes, level_start_index, sampling_l
         return out, weights
     block_g, block_d = blocks(d)
     kda_forward_kernel[(triton.cdiv(rows, block_g),)](
-        q, v, k, ss, lsi, loc, out, weights, rows, lq, s, m, d, _scale(d, acc, v.device),
+        q, v, k, ss, lsi, loc, out, weights, rows, lq, s, m, d, scale,
         L=n_levels, P=n_points, SHARED=key is None, BLOCK_G=block_g, BLOCK_D=block_d,
-        BLOCK_LP=next_power_of_2(n_levels * n_points), ACC=_acc_tl(acc), num_warps=NUM_WARPS,
+        BLOCK_LP=next_power_of_2(n_levels * n_points), ACC=acc_tl(acc), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out, weights
 
@@ -354,13 +351,9 @@ def kda_forward(query, value, key, spatial_shapes, level_start_index, sampling_l
 def kda_backward(grad_output, grad_weights, query, value, key, spatial_shapes, level_start_index, loc, attn):
     """Backward with the Triton kernel: (grad_query, grad_value, grad_key or an empty tensor,
     grad_sampling_locations), each in its input's dtype."""
-    _check(query, value, key, loc)
-    acc = _acc(value)
-    q, v = query.contiguous(), value.contiguous()
-    k = v if key is None else key.contiguous()
-    ss = spatial_shapes.to(device=v.device, dtype=torch.long).contiguous()
-    lsi = level_start_index.to(device=v.device, dtype=torch.long).contiguous()
-    loc_acc = loc.to(acc).contiguous()
+    acc, q, v, k, ss, lsi, loc_acc, scale = _prepare(
+        query, value, key, spatial_shapes, level_start_index, loc
+    )
     a = attn.to(acc).contiguous()
     go = grad_output.to(v.dtype).contiguous()
     gw = grad_weights.to(acc).contiguous() if grad_weights is not None else a
@@ -375,9 +368,9 @@ def kda_backward(grad_output, grad_weights, query, value, key, spatial_shapes, l
         block_g, block_d = blocks(d, backward=True)
         kda_backward_kernel[(triton.cdiv(rows, block_g),)](
             go, gw, q, v, k, ss, lsi, loc_acc, a, grad_q, grad_v, grad_k, grad_loc,
-            rows, lq, s, m, d, _scale(d, acc, v.device),
+            rows, lq, s, m, d, scale,
             L=n_levels, P=n_points, SHARED=key is None, HAS_GW=grad_weights is not None, BLOCK_G=block_g,
-            BLOCK_D=block_d, ACC=_acc_tl(acc), num_warps=NUM_WARPS,
+            BLOCK_D=block_d, ACC=acc_tl(acc), num_warps=NUM_WARPS,
         )  # fmt: skip
     grad_key = grad_k.to(value.dtype) if key is not None else value.new_empty((0,))
     return grad_q.to(query.dtype), grad_v.to(value.dtype), grad_key, grad_loc.to(loc.dtype)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdetr.detector.ops.triton_util import import_triton, next_power_of_2
+from sdetr.detector.ops.triton_util import acc_dtype, acc_tl, import_triton, next_power_of_2
 
 triton = import_triton()
 
@@ -47,7 +47,8 @@ if triton is not None:
         """The four bilinear corners of the points (lx, ly) [BLOCK_G] on an H x W level.
 
         Returns the element offsets of the corners (y0,x0), (y0,x1), (y1,x0), (y1,x1) from ``level``
-        (0 where invalid), their validity masks, and the fractional position (fx, fy).
+        (not to be read where invalid: every use is masked), their validity masks, and the fractional
+        position (fx, fy).
         """
         wf = W.to(lx.dtype)
         hf = H.to(lx.dtype)
@@ -215,11 +216,6 @@ if triton is not None:
                 tl.store(grad_loc_ptr + 2 * i + 1, aw * H.to(ACC) * g_y, mask=row_ok)
 
 
-def acc_dtype(value: Tensor) -> torch.dtype:
-    """The arithmetic dtype: float64 for float64 values, else float32."""
-    return torch.float64 if value.dtype == torch.float64 else torch.float32
-
-
 def blocks(d: int, backward: bool = False) -> tuple[int, int]:
     """(BLOCK_G, BLOCK_D) for D channels: BLOCK_D covers D up to MAX_BLOCK_D, BLOCK_G fills the tile."""
     block_d = min(next_power_of_2(max(d, 1)), MAX_BLOCK_D)
@@ -237,10 +233,6 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
         attention_weights.to(acc).contiguous(),
         acc,
     )
-
-
-def _acc_tl(acc: torch.dtype):
-    return tl.float64 if acc == torch.float64 else tl.float32
 
 
 def ms_deform_attn_forward(
@@ -268,7 +260,7 @@ def ms_deform_attn_forward(
     grid = (triton.cdiv(rows, block_g), triton.cdiv(d, block_d))
     msda_forward_kernel[grid](
         v, ss, lsi, loc, attn, out, rows, lq, s, m, d,
-        L=n_levels, P=n_points, BLOCK_G=block_g, BLOCK_D=block_d, ACC=_acc_tl(acc), num_warps=NUM_WARPS,
+        L=n_levels, P=n_points, BLOCK_G=block_g, BLOCK_D=block_d, ACC=acc_tl(acc), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -297,7 +289,7 @@ def ms_deform_attn_backward(
         block_g, block_d = blocks(d, backward=True)
         msda_backward_kernel[(triton.cdiv(rows, block_g),)](
             go, v, ss, lsi, loc, attn, grad_value, grad_loc, grad_attn, rows, lq, s, m, d,
-            L=n_levels, P=n_points, BLOCK_G=block_g, BLOCK_D=block_d, ACC=_acc_tl(acc), num_warps=NUM_WARPS,
+            L=n_levels, P=n_points, BLOCK_G=block_g, BLOCK_D=block_d, ACC=acc_tl(acc), num_warps=NUM_WARPS,
         )  # fmt: skip
     return (
         grad_value.to(value.dtype),

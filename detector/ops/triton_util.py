@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 INTERPRET_ENV = "TRITON_INTERPRET"
 # The GPUs the AOT check compiles for: A100 (sm_80) and H100/H200 (sm_90).
 AOT_CAPABILITIES = (80, 90)
@@ -54,6 +56,18 @@ def kernel_device_ok(device) -> bool:
     """Whether kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter."""
     device_type = getattr(device, "type", str(device))
     return device_type == "cuda" or (device_type == "cpu" and interpreter_on())
+
+
+def acc_dtype(value: torch.Tensor) -> torch.dtype:
+    """The kernels' arithmetic dtype for ``value``: float64 for float64 values, else float32."""
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def acc_tl(acc: torch.dtype):
+    """`acc_dtype`'s Triton type, for a kernel's ``ACC`` constexpr."""
+    import triton.language as tl
+
+    return tl.float64 if acc == torch.float64 else tl.float32
 
 
 def next_power_of_2(n: int) -> int:
