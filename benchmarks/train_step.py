@@ -5,8 +5,9 @@ For each preset it builds one model per option (the same initial weights), then 
 rounds (each round runs every option for a few steps, in a rotating order, so that all see the same machine
 state) and prints the median step time, its ratio to fp32 + contiguous measured in the same run, the
 dispatched aten ops per step (about the kernel launches on a GPU: a step with many small ops is bound by the
-host, not the device) and, on CUDA, the peak memory. A step is the model's forward, the criterion, backward
-and AdamW on a padded batch of random images with random boxes, synchronised on CUDA.
+host, not the device) and, on CUDA, the peak memory. A step is the trainer's own
+(`engine.train_one_epoch`: forward, fp32 losses, backward, gradient clipping, AdamW) on a padded batch of
+random images with random boxes, synchronised on CUDA.
 
     python benchmarks/train_step.py                                  # CUDA: R50 Sparse DETR vs Efficient DETR
     python benchmarks/train_step.py --device cpu --threads 2         # CPU: the demo's mini presets
@@ -26,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdetr.detector.build import build_criterion, build_model
 from sdetr.detector.presets import get_preset
-from sdetr.platform.training.engine import to_float32
+from sdetr.platform.training.engine import train_one_epoch
 
 DEFAULTS = {
     "cuda": ("r50_sparse_detr_rho_0.1,r50_efficient_detr", "800x1066,800x1199"),
@@ -35,7 +36,8 @@ DEFAULTS = {
         "192x256,224x240",
     ),
 }
-OPTIONS = list(product(("fp32", "bf16"), (False, True)))  # (amp, channels_last); the first is the baseline
+# (train.amp, channels_last); the first is the baseline.
+OPTIONS = list(product(("none", "bf16"), (False, True)))
 
 
 class _OpCounter(TorchDispatchMode):
@@ -81,20 +83,26 @@ class Runner:
         self.criterion = build_criterion(cfg.model, cfg.loss).to(device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
-        self.device, self.amp, self.batch = device, amp, batch
+        self.device, self.amp, self.batch = torch.device(device), amp, batch
         self.times: list[float] = []
         self.losses: list[float] = []
 
-    def step(self) -> float:
-        images, masks, targets = self.batch
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
-            outputs = self.model(images, masks)
-        # The losses in fp32, as the trainer computes them.
-        loss = self.criterion.weighted_total(self.criterion(to_float32(outputs), targets))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+    def run(self, steps: int) -> list[float]:
+        """Seconds of each of ``steps`` trainer steps on the batch; their losses go to ``losses``."""
+        marks = []
+
+        def on_step(step: int, metrics: dict) -> None:
+            sync(self.device.type)
+            marks.append(time.perf_counter())
+            self.losses.append(metrics["loss"])
+
+        sync(self.device.type)
+        marks.append(time.perf_counter())
+        train_one_epoch(
+            self.model, self.criterion, [self.batch] * steps, self.optimizer, self.device,
+            amp=self.amp, on_step=on_step,
+        )  # fmt: skip
+        return [end - start for start, end in zip(marks, marks[1:])]
 
 
 def sync(device: str) -> None:
@@ -138,27 +146,21 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             counter = _OpCounter()
             with counter:
-                runner.losses.append(runner.step())
-            sync(args.device)
+                runner.run(1)
             ops[opt] = counter.ops
             peaks[opt] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
         for r in range(args.rounds):
             order = OPTIONS[r % len(OPTIONS) :] + OPTIONS[: r % len(OPTIONS)]
             for opt in order:
-                runner = runners[opt]
-                for _ in range(args.steps):
-                    sync(args.device)
-                    start = time.perf_counter()
-                    runner.losses.append(runner.step())
-                    sync(args.device)
-                    runner.times.append(time.perf_counter() - start)
+                runners[opt].times.extend(runners[opt].run(args.steps))
         base = statistics.median(runners[OPTIONS[0]].times)
         for (amp, channels_last), runner in runners.items():
             med = statistics.median(runner.times)
             peak = "n/a" if peaks[(amp, channels_last)] is None else f"{peaks[(amp, channels_last)]:.2f}"
             losses = f"{runner.losses[0]:.2f} → {runner.losses[-1]:.2f}"  # first → last
             print(
-                f"| {preset} | {amp} | {'on' if channels_last else 'off'} | {1e3 * med:.1f} | "
+                f"| {preset} | {'fp32' if amp == 'none' else amp} | {'on' if channels_last else 'off'} | "
+                f"{1e3 * med:.1f} | "
                 f"{base / med:.2f}x | {ops[(amp, channels_last)]:,} | {peak} | {losses} |",
                 flush=True,
             )
