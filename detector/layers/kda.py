@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdetr.detector.layers.common import Float32Linear
 from sdetr.detector.layers.ms_deform_attn import (
     LevelShapes,
     init_sampling_offsets,
@@ -136,7 +137,7 @@ class KeyAwareDeformAttn(nn.Module):
         self.proj_key = proj_key
         self.same_loc = same_loc
         offset_levels = 1 if same_loc else n_levels
-        self.sampling_offsets = nn.Linear(d_model, n_heads * offset_levels * n_points * 2)
+        self.sampling_offsets = Float32Linear(d_model, n_heads * offset_levels * n_points * 2)
         self.value_proj = nn.Linear(d_model, d_model)
         self.key_proj = nn.Linear(d_model, d_model) if proj_key else None
         self.query_proj = nn.Linear(d_model, d_model)

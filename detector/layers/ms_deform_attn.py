@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdetr.detector.layers.common import Float32Linear
+
 # Per-level (H_l, W_l) as Python ints (symbolic under torch.export), next to the `spatial_shapes` tensor.
 LevelShapes = Sequence[tuple[int, int]]
 
@@ -144,8 +146,8 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.sampling_offsets = Float32Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = Float32Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
