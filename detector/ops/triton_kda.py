@@ -381,11 +381,11 @@ def aot_signatures(value_dtype: str = "fp32", acc: str = "fp32", shared: bool = 
     4 points, D = 32)."""
     block_g, block_d = blocks(32)
     block_gb, _ = blocks(32, backward=True)
-    acc_tl = tl.float64 if acc == "fp64" else tl.float32
+    acc_type = acc_tl(torch.float64 if acc == "fp64" else torch.float32)
     ints = {"G": "i32", "Lq": "i32", "S": "i32", "M": "i32", "D": "i32", "scale_ptr": f"*{acc}"}
     tables = {"shapes_ptr": "*i64", "starts_ptr": "*i64"}
     data = {"q_ptr": f"*{value_dtype}", "value_ptr": f"*{value_dtype}", "key_ptr": f"*{value_dtype}"}
-    common = {"L": 4, "P": 4, "SHARED": shared, "BLOCK_G": block_g, "BLOCK_D": block_d, "ACC": acc_tl}
+    common = {"L": 4, "P": 4, "SHARED": shared, "BLOCK_G": block_g, "BLOCK_D": block_d, "ACC": acc_type}
     fwd = {**data, **tables, "loc_ptr": f"*{acc}", "out_ptr": f"*{value_dtype}", "w_ptr": f"*{value_dtype}"}
     fwd.update(ints)
     fwd.update({name: "constexpr" for name in (*common, "BLOCK_LP")})

@@ -307,13 +307,12 @@ def aot_signatures(value_dtype: str = "fp32", acc: str = "fp32") -> dict:
     shape_ptrs = {"shapes_ptr": "*i64", "starts_ptr": "*i64"}
     sig = {"BLOCK_G": "constexpr", "BLOCK_D": "constexpr"}
     sig["ACC"] = "constexpr"
-    acc_tl = tl.float64 if acc == "fp64" else tl.float32
     fwd = {"value_ptr": f"*{value_dtype}", **shape_ptrs, "loc_ptr": f"*{acc}", "attn_ptr": f"*{acc}"}
     fwd.update({"out_ptr": f"*{value_dtype}", **ints, **sig})
     bwd = {"grad_out_ptr": f"*{value_dtype}", "value_ptr": f"*{value_dtype}", **shape_ptrs}
     bwd.update({"loc_ptr": f"*{acc}", "attn_ptr": f"*{acc}", "grad_value_ptr": f"*{acc}"})
     bwd.update({"grad_loc_ptr": f"*{acc}", "grad_attn_ptr": f"*{acc}", **ints, **sig})
-    common = {"ACC": acc_tl}
+    common = {"ACC": acc_tl(torch.float64 if acc == "fp64" else torch.float32)}
     return {
         msda_forward_kernel: (fwd, {**common, "BLOCK_G": block_g, "BLOCK_D": block_d}),
         msda_backward_kernel: (bwd, {**common, "BLOCK_G": block_gb, "BLOCK_D": block_db}),
