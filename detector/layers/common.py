@@ -26,13 +26,6 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _autocast_off(x: Tensor):
-    """A context that computes in fp32 when autocast is on for ``x``'s device (else None)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return None
-
-
 class Float32Linear(nn.Linear):
     """An `nn.Linear` that computes in fp32 under autocast (same parameters and state_dict keys).
 
@@ -44,28 +37,25 @@ class Float32Linear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        off = _autocast_off(x)
-        if off is None:
+        if not torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
-        with off:
+        with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 
 
 class MLP(nn.Module):
-    """A plain multi-layer perceptron with ReLUs (DETR's box head); in fp32 under autocast, like
-    `Float32Linear`: box deltas are added to logit-space reference points, where bf16 would round them.
+    """A plain multi-layer perceptron with ReLUs (DETR's box head), of `Float32Linear` layers: in fp32
+    under autocast, as box deltas are added to logit-space reference points, where bf16 would round them.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
         dims = [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip([input_dim] + dims, dims + [output_dim]))
+        self.layers = nn.ModuleList(
+            Float32Linear(i, o) for i, o in zip([input_dim] + dims, dims + [output_dim])
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        off = _autocast_off(x)
-        if off is not None:
-            with off:
-                return self.forward(x.float())
         for i, layer in enumerate(self.layers):
             x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
         return x
