@@ -135,6 +135,10 @@ def test_labels():
     )
     assert label_for(0, "resnet18", "mini_lite_detr_h3l1_3p1x2") == "Lite H3L1-(3+1)x2 R18"
     assert label_for(0, "resnet50", "r50_detr") == "DETR R50"
+    # A preset a sweep changed (trial.effective_preset) keeps the paper's name and shows the change.
+    assert label_for(None, "resnet18", "mini_deformable_detr (num_queries=100)") == (
+        "Deformable (num_queries=100) R18"
+    )
     assert label_for(0, "resnet50", "r50_faster_rcnn_fpn") == "Faster R-CNN R50"
     assert label_for(None, "resnet50") == "dense R50"
     # An empty label is filled in.

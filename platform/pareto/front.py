@@ -114,9 +114,13 @@ def short_preset(preset: str) -> str:
 def family(preset: str, rho: float | None = None) -> str:
     """The detector as the papers name it: ``Sparse ρ=0.1``, ``Deformable``, ``Lite H3L1-(3+1)x2``,
     ``Efficient``; a sparsified model (ρ > 0) is Sparse whatever its preset; otherwise the shortened
-    preset name (``dense`` without one)."""
+    preset name (``dense`` without one). A preset that a sweep changed keeps its changed fields:
+    ``mini_deformable_detr (num_queries=100)`` -> ``Deformable (num_queries=100)``."""
     if rho:
         return f"Sparse ρ={rho:g}"
+    base, bracket, changed = preset.partition(" (")
+    if bracket:
+        return f"{family(base)} ({changed}"
     name = _PRESET_PREFIX.sub("", preset)
     lite = re.fullmatch(r"lite_detr_(\w+)", name)
     if lite:
