@@ -323,6 +323,27 @@ def test_png_labels_of_close_points_do_not_overlap():
     assert boxes[-1].x0 > x and boxes[-1].y0 > y
 
 
+def test_png_leaves_unlabelled_the_dynamic_point_at_its_trials_own_rho():
+    from sdetr.platform.pareto.plot import labelled_points
+
+    trial = ParetoPoint("Sparse ρ=0.1 R18", 9.1, 1.55, trial_id="t3", rho=0.1)
+    other = ParetoPoint("Sparse ρ=0.3 R18", 7.0, 1.74, trial_id="t1", rho=0.3)
+    dyn = [
+        ParetoPoint(f"Sparse ρ={r} R18 (dyn)", ap, g, trial_id="t3", rho=r, source="dynamic_rho")
+        for r, ap, g in ((0.05, 9.4, 1.50), (0.1, 9.1, 1.55), (0.3, 7.4, 1.74))
+    ]
+    labels = [p.label for p in labelled_points([trial, other, *dyn])]
+    # ρ = 0.3 of checkpoint t3 is not trial t1's own ρ: both keep their labels.
+    assert labels == [
+        "Sparse ρ=0.1 R18",
+        "Sparse ρ=0.3 R18",
+        "Sparse ρ=0.05 R18 (dyn)",
+        "Sparse ρ=0.3 R18 (dyn)",
+    ]
+    # Without its trial (e.g. `sdetr eval` on a checkpoint outside the sweep) every dynamic point is labelled.
+    assert len(labelled_points(dyn)) == 3
+
+
 class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()
