@@ -197,6 +197,43 @@ def test_non_finite_locations(op):
     assert g_attn[0, 0].abs().sum() == 0 and g_loc[0, 1, 0, 0, 0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("points", [2, 3, 5], ids=["LP8", "LP12", "LP20"])
+def test_fp32_corners_in_vector_and_tail_lanes(op, points, monkeypatch):
+    """fp32 rows of L * P = 8, 12 and 20 points: the AVX2 copy locates 8 points at a time and the rest
+    one by one. With non-finite locations in both parts, it matches the reference (the non-finite points
+    as points of zero weight) and the baseline copy."""
+    cfg = dict(n=1, m=2, d=32, shapes=((5, 7), (3, 4), (2, 3), (1, 2)), lq=4, p=points)
+    v, ss, lsi, loc, attn = make_inputs(**cfg, dtype=torch.float32)
+    bad, keep = loc.clone(), attn.clone()
+    for q, head, level, point, xy, x in (
+        (0, 0, 0, 0, 0, "nan"),
+        (1, 1, 3, points - 1, 1, "inf"),
+        (2, 0, 2, points - 1, 0, "-inf"),
+        (3, 1, 1, 0, 1, "nan"),
+    ):
+        bad[0, q, head, level, point, xy] = float(x)
+        keep[0, q, head, level, point] = 0
+    args = [t.detach().requires_grad_() if t.is_floating_point() else t for t in (v, ss, lsi, bad, attn)]
+    grad_out = torch.randn(1, cfg["lq"], 64)
+    default = _grads(op, args, grad_out)
+    ref_args = [t.detach().requires_grad_() if t.is_floating_point() else t for t in (v, ss, lsi, loc, keep)]
+    reference = _grads(ms_deform_attn_pytorch, ref_args, grad_out)
+    torch.testing.assert_close(default[0], reference[0], **TOL[torch.float32])
+    torch.testing.assert_close(default[1], reference[1], **GRAD_TOL[torch.float32])
+    finite = torch.isfinite(bad).all(-1, keepdim=True)  # [N, Lq, M, L, P, 1]
+    torch.testing.assert_close(default[2] * finite, reference[2] * finite, **GRAD_TOL[torch.float32])
+    finite_point = finite[..., 0]
+    tol = GRAD_TOL[torch.float32]
+    torch.testing.assert_close(default[3] * finite_point, reference[3] * finite_point, **tol)
+    for grad in default[2:]:
+        assert torch.isfinite(grad).all()
+    assert (default[2] * ~finite == 0).all() and (default[3] * ~finite_point == 0).all()
+    monkeypatch.setenv("SDETR_MSDA_CPU_ISA", "default")
+    baseline = _grads(op, args, grad_out)
+    for a, b in zip(default, baseline):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_baseline_isa_matches_avx2(op, monkeypatch):
     args = make_inputs(**CONFIGS["D32"], dtype=torch.float32, requires_grad=True)
     grad_out = torch.randn(2, 3, 64)
