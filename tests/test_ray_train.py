@@ -172,6 +172,39 @@ def test_runs_have_no_placement_group_cleaner():
     assert kinds and PlacementGroupCleanerCallback not in kinds
 
 
+def record_whether_print_is_pythons_own(config):
+    import builtins
+    import types
+
+    Path(config["out"]).write_text(str(isinstance(builtins.print, types.BuiltinFunctionType)))
+
+
+def test_workers_keep_pythons_print(data, cluster, tmp_path):
+    """Ray Train replaces ``print`` in its workers (every line reached the terminal twice, and
+    ``redirect_stdout`` no longer silenced pycocotools); sdetr's workers keep Python's own."""
+    import ray.train
+
+    from sdetr.platform.training.driver import WORKER_RUNTIME_ENV, Trainer, build_trainer
+    from sdetr.platform.training.run_plan import plan_run
+
+    seen = {}
+    for name, runtime_env in (("ray_default", None), ("sdetr", WORKER_RUNTIME_ENV)):
+        trainer = Trainer(
+            record_whether_print_is_pythons_own,
+            train_loop_config={"out": str(tmp_path / f"{name}.print")},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=str(tmp_path), worker_runtime_env=runtime_env
+            ),
+        )
+        trainer.fit()
+        seen[name] = (tmp_path / f"{name}.print").read_text()
+    assert seen == {"ray_default": "False", "sdetr": "True"}
+    # ... and every run of sdetr's uses it.
+    plan = plan_run(tiny_config(data / "shards"), options(tmp_path / "runs", "plan"), log=lambda *a: None)
+    assert build_trainer(plan, None).run_config.worker_runtime_env == WORKER_RUNTIME_ENV
+
+
 def log_excerpt(text: str, size: int = 3000) -> str:
     """The first traceback of a failed run's log (the cause) and its end (the outcome)."""
     first = text.find("Traceback")

@@ -23,12 +23,16 @@ def ray_local():
     ray.shutdown()
 
 
-def run(tmp_path, text: str):
+def run(tmp_path, text: str, progress: list[str] | None = None):
+    """Run the sweep file ``text`` with the stand-in trial; ``progress`` collects SweepProgress' lines."""
     from ray import tune
+
+    from sdetr.platform.sweeps.progress import SweepProgress, quiet_tune_output
 
     path = tmp_path / "s.yaml"
     path.write_text(textwrap.dedent(text))
     spec = load_sweep(path)
+    callbacks = [] if progress is None else [SweepProgress(spec, progress.append, interval_s=0.2)]
     config = tune_config(spec, concurrent=2, sweep_dir=tmp_path / "runs" / "t")
     # The stand-in keeps no state between trials: one actor process per slot runs them all.
     config.reuse_actors = True
@@ -36,9 +40,12 @@ def run(tmp_path, text: str):
         tune.with_resources(fake_trial, {"CPU": 0.01}),
         param_space=spec.tune_space(),
         tune_config=config,
-        run_config=tune.RunConfig(name="t", storage_path=str(tmp_path / "runs"), verbose=0),
+        run_config=tune.RunConfig(
+            name="t", storage_path=str(tmp_path / "runs"), verbose=0, callbacks=callbacks
+        ),
     )
-    return spec, tuner.fit()
+    with quiet_tune_output():
+        return spec, tuner.fit()
 
 
 def test_multi_objective_optuna_gets_both_objectives(ray_local, tmp_path):
@@ -64,6 +71,7 @@ def test_multi_objective_optuna_gets_both_objectives(ray_local, tmp_path):
 def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
     from sdetr.platform.sweeps.results import record_states
 
+    lines: list[str] = []
     spec, grid = run(
         tmp_path,
         """\
@@ -73,6 +81,7 @@ def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
         scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
         epochs: 4
         """,
+        progress=lines,
     )
     done = {r.config["model.rho"]: r.metrics["epochs_done"] for r in grid}
     assert len(done) == 8 and not grid.errors
@@ -81,6 +90,25 @@ def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
     assert set(states.values()) == {
         "stopped_early"
     }  # every TERMINATED trial until its history says otherwise
+
+    # The terminal: a line per trial event, each naming the trial and what it is, none over 100 columns.
+    from sdetr.platform.sweeps.progress import WIDTH, trial_label
+
+    assert lines and all(len(line) <= WIDTH for line in lines), max(lines, key=len)
+    for r in grid:
+        rho, trial_id = r.config["model.rho"], r.metrics["trial_id"]
+        mine = [line for line in lines if trial_id in line]
+        label = trial_label(spec, r.config)[0]
+        assert f"ρ={rho:g}" in label and all(line.endswith(label) for line in mine), mine
+        assert "started" in mine[0]
+        # AP in percent: the stand-in reports AP = ρ * epochs / 4.
+        assert f"epoch 1/4  AP {100 * rho / 4:4.1f} %  AP50      -" in mine[1], mine
+        if done[rho] == EPOCHS:
+            assert "completed" in mine[-1] and f"AP {100 * rho:4.1f} %" in mine[-1], mine
+        else:
+            assert f"stopped at epoch {done[rho]}/4:" in mine[-1], mine
+        assert f"{100 + 50 * rho:.2f} GFLOPs" in mine[-1], mine
+    assert any(" waiting: " in line and " of 8" in line for line in lines), lines
 
 
 def test_moasha_from_a_sweep_file_keeps_the_ends_of_the_front(ray_local, tmp_path):

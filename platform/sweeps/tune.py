@@ -43,6 +43,7 @@ from sdetr.platform.shards.dataset import check_shards
 from sdetr.platform.storage import Location, RunStorage, is_uri
 from sdetr.platform.sweeps.heartbeat import Heartbeat
 from sdetr.platform.sweeps.moasha import MOASHA, SoundResultsSearcher
+from sdetr.platform.sweeps.progress import SweepProgress, quiet_tune_output
 from sdetr.platform.sweeps.results import finalize, record_states
 from sdetr.platform.sweeps.spec import Dimension, SweepSpec, max_epochs, plan_trials
 from sdetr.platform.sweeps.summary import DESCRIPTION_TAG, sweep_description
@@ -173,7 +174,7 @@ def run_sweep(
         os.chdir(sweep.local)
     status = "FAILED"
     try:
-        grid = _tune(spec, sweep, context, concurrent, address, restore=record is not None)
+        grid = _tune(spec, sweep, context, concurrent, address, restore=record is not None, log=log)
         states = record_states(sweep, grid)
         # Tune returns normally after Ctrl+C too, with trials left pending or running.
         status = "KILLED" if "running" in states.values() else "FINISHED"
@@ -258,6 +259,7 @@ def _tune(
     concurrent: int,
     address: str | None,
     restore: bool,
+    log=print,
 ):
     if not ray.is_initialized():
         ray.init(address=address)
@@ -283,7 +285,8 @@ def _tune(
     local_dir = sweep.local or Path.home() / ".cache" / "sdetr" / "sweeps" / sweep.name
     if restore and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        return tuner.fit()
+        with quiet_tune_output():
+            return tuner.fit()
     tuner = tune.Tuner(
         trainable,
         param_space=spec.tune_space(),
@@ -292,10 +295,13 @@ def _tune(
             name=sweep.name,
             storage_path=path.rsplit("/", 1)[0],
             failure_config=tune.FailureConfig(max_failures=max(spec.max_failures, 0)),
-            verbose=1,
+            # Tune's table is 166 columns of loss terms; SweepProgress prints a line per trial event.
+            verbose=0,
+            callbacks=[SweepProgress(spec, log)],
         ),
     )
-    return tuner.fit()
+    with quiet_tune_output():
+        return tuner.fit()
 
 
 def tune_config(spec: SweepSpec, concurrent: int, sweep_dir: Path):

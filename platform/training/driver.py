@@ -57,6 +57,13 @@ class Trainer(TorchTrainer):
         return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
 
 
+# Ray Train 2.60 replaces ``print`` in its workers with one that logs each line to the root logger and,
+# where ``sys.stdout`` is not the process's own (Ray's workers wrap it), prints it as well: every line
+# of a worker reached the terminal twice, and ``contextlib.redirect_stdout`` no longer silenced
+# pycocotools' progress prints (the logger copy bypasses it). The workers keep Python's own ``print``.
+WORKER_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+
+
 class TrainingFailed(SdetrError):
     """The worker group failed more often than --max-failures allows."""
 
@@ -235,6 +242,7 @@ def build_trainer(plan: RunPlan, tracked) -> Trainer:
             # back to the one before.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep if keep > 0 else None),
             callbacks=list(plan.callbacks),
+            worker_runtime_env=WORKER_RUNTIME_ENV,
         ),
         datasets={
             "train": read_split(plan.data_path, "train", max_images=cfg.data.max_train_images),
