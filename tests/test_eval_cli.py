@@ -142,6 +142,11 @@ def test_curve_from_a_run_folder_is_written_and_logged_to_its_mlflow_run(
     for key in ("gflops", "gflops_fixed"):
         gflops = [p[key] for p in points]
         assert all(a < b for a, b in zip(gflops, gflops[1:])), (key, gflops)
+    # Each ρ's progress line (beside the JSON on stdout): AP in percent.
+    for p in points:
+        ap, ap50 = 100 * p["AP"], 100 * p["AP50"]
+        line = f"ρ {p['rho']:g}: AP {ap:.1f} %, AP50 {ap50:.1f} %, {p['gflops']:.2f} GFLOPs"
+        assert line in err, err
 
     c = tracking.client(tracked.tracking_uri)
     for name in ("gflops", "gflops_fixed", "AP", "AP50"):

@@ -40,12 +40,16 @@ def small_config(data, out, epochs=2, **extra):
 
 def test_short_training_lowers_the_loss(small_synth, tmp_path):
     cfg = small_config(small_synth, tmp_path / "run", epochs=12)
-    history = train(cfg, log=lambda *_: None)
+    logged: list[str] = []
+    history = train(cfg, log=lambda *a: logged.append(" ".join(map(str, a))))
     losses = [r["train_loss"] for r in history]
     assert len(losses) == 12
     # Overfitting four images: the mean of the last three epochs is well under the first three's.
     assert sum(losses[-3:]) < 0.75 * sum(losses[:3]), losses
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(history[-1])
+    # The epoch's line: counted from 1, AP in percent.
+    last = history[-1]
+    assert f"epoch 12 | loss {last['train_loss']:.4f} | AP {100 * last['AP']:.1f} % | " in "\n".join(logged)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(12))
     assert (tmp_path / "run" / "config.yaml").is_file()

@@ -276,7 +276,10 @@ def evaluate_rhos(
         if fixed is not None:
             point["gflops_fixed"] = count_flops(model, *_single(fixed, dev)).gflops
         points.append(point)
-        log(f"ρ {rho:g}: AP {point['AP']:.4f}, AP50 {point['AP50']:.4f}, {point['gflops']:.2f} GFLOPs")
+        log(
+            f"ρ {rho:g}: AP {100 * point['AP']:.1f} %, AP50 {100 * point['AP50']:.1f} %, "
+            f"{point['gflops']:.2f} GFLOPs"
+        )
 
     return {
         "checkpoint": str(file),

@@ -134,8 +134,9 @@ class SweepProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         label, _ = self.describe(trial)
-        where = f"; details in {trial.error_file}" if getattr(trial, "error_file", None) else ""
-        self.say(f"{trial.trial_id} failed     {label}{where}")
+        self.say(f"{trial.trial_id} failed     {label}")
+        if getattr(trial, "error_file", None):  # a path: never cut to the width
+            self.log(f"{'':9}details: {trial.error_file}")
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if time.monotonic() - self.last_line < self.interval_s:

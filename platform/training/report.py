@@ -67,11 +67,11 @@ def epoch_record(epoch: int, train_time_s: float, train_means: dict[str, float])
 
 
 def format_record(record: dict[str, float]) -> str:
-    """The one line a person reads per epoch (epochs counted from 1)."""
+    """The one line a person reads per epoch (epochs counted from 1, AP in percent)."""
     parts = [f"epoch {int(record['epoch']) + 1}", f"loss {record.get('train_loss', float('nan')):.4f}"]
     for key in ("AP", "AP50", "AP75"):
         if key in record:
-            parts.append(f"{key} {record[key]:.3f}")
+            parts.append(f"{key} {100.0 * record[key]:.1f} %")
     parts.append(f"{record['train_time_s']:.0f}s")
     return " | ".join(parts)
 
