@@ -111,6 +111,26 @@ def test_asha_stops_weak_trials_and_they_are_marked(ray_local, tmp_path):
     assert any(" waiting: " in line and " of 8" in line for line in lines), lines
 
 
+def test_progress_pickles_where_print_is_replaced(tmp_path, monkeypatch, capsys):
+    """Tune pickles its run config (and so SweepProgress) into the sweep folder for resuming. In a Ray
+    job's driver ``builtins.print`` is Ray's replacement: the ``print`` bound when progress.py was
+    imported then no longer pickles by name (a submitted sweep failed before its first trial)."""
+    import builtins
+
+    from ray import cloudpickle
+
+    from sdetr.platform.sweeps.progress import SweepProgress
+
+    path = tmp_path / "s.yaml"
+    path.write_text("preset: tiny_sparse_detr_rho_0.1\nspace:\n  model.rho: [0.1]\nepochs: 1\n")
+    progress = SweepProgress(load_sweep(path))
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
+    restored = cloudpickle.loads(cloudpickle.dumps(progress))
+    monkeypatch.undo()
+    restored.say("after a resume")
+    assert "after a resume" in capsys.readouterr().out
+
+
 def test_moasha_from_a_sweep_file_keeps_the_ends_of_the_front(ray_local, tmp_path):
     """``scheduler: {type: moasha}``: every stand-in trial is on the AP-GFLOPs front (AP and GFLOPs both
     grow with ρ), so MOASHA keeps the cheapest and the most accurate trial (infinite crowding distance)

@@ -10,7 +10,7 @@ without AP, GFLOPs or what each trial is. The sweep silences it (``verbose=0``) 
     [  9:15] waiting: 2 running, 1 ended, 1 pending of 4
 
 Every line fits `WIDTH` columns. The callback is part of Tune's run config, which Tune pickles with the
-experiment and uses again when the sweep resumes, so it keeps only plain data.
+experiment and uses again when the sweep resumes, so it pickles only plain data.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ class SweepProgress(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["known"] = {}  # labels are worked out again from each trial's config
+        # Not ``log``: in a Ray job's driver ``builtins.print`` is Ray's replacement, so the ``print``
+        # bound as the default cannot be pickled by name; a resumed sweep prints with ``print``.
+        state["log"] = None
         return state
 
     def setup(self, **info) -> None:
@@ -89,7 +92,7 @@ class SweepProgress(Callback):
 
     def say(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.start)
-        self.log(fit(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}"))
+        (self.log or print)(fit(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}"))
         self.last_line = time.monotonic()
 
     def describe(self, trial) -> tuple[str, int]:
@@ -136,7 +139,7 @@ class SweepProgress(Callback):
         label, _ = self.describe(trial)
         self.say(f"{trial.trial_id} failed     {label}")
         if getattr(trial, "error_file", None):  # a path: never cut to the width
-            self.log(f"{'':9}details: {trial.error_file}")
+            (self.log or print)(f"{'':9}details: {trial.error_file}")
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if time.monotonic() - self.last_line < self.interval_s:
