@@ -25,6 +25,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from sdetr.platform.pareto.files import ap_percent
 from sdetr.platform.sweeps.spec import SweepSpec
 
 WIDTH = 100
@@ -59,12 +60,11 @@ def quiet_tune_output() -> Iterator[None]:
 
 def percent(value: Any) -> str:
     """A COCO AP fraction as a percentage with one decimal (``" 7.0 %"``), 6 characters wide."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "     -"
-    return f"{100.0 * value:4.1f} %"
+    number = ap_percent(value, ap_fraction=True)
+    return "     -" if number is None else f"{number:4.1f} %"
 
 
-def fit(line: str, width: int = WIDTH) -> str:
+def clip(line: str, width: int = WIDTH) -> str:
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
@@ -92,7 +92,7 @@ class SweepProgress(Callback):
 
     def say(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.start)
-        (self.log or print)(fit(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}"))
+        (self.log or print)(clip(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}"))
         self.last_line = time.monotonic()
 
     def describe(self, trial) -> tuple[str, int]:
