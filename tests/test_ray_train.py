@@ -7,6 +7,7 @@ batch 2 -> 4 steps per epoch, a checkpoint every 2 steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray.train.v2._internal.execution.callback import TrainContextCallback
 
 from sdetr.detector.checkpoint import read_checkpoint
 from sdetr.detector.data.synth import generate_synthetic_coco
@@ -30,8 +32,9 @@ from sdetr.platform.resources import cpus_per_worker
 from sdetr.platform.shards.reader import check_shards
 from sdetr.platform.shards.writer import shard_coco
 from sdetr.platform.storage import RunStorage
-from sdetr.platform.training.driver import run
-from sdetr.platform.training.run_plan import DistributedOptions, prepare_data
+from sdetr.platform.training.driver import launch, run
+from sdetr.platform.training.report import read_history
+from sdetr.platform.training.run_plan import DistributedOptions, plan_run, prepare_data
 
 PRESET = "tiny_sparse_detr_rho_0.1"
 EPOCHS = 2
@@ -94,12 +97,32 @@ def cluster():
     ray.shutdown()
 
 
+class HistoryAtEachReport(TrainContextCallback):
+    """In rank 0, as each ``ray.train.report`` starts: how many epochs ``history.json`` holds (one line
+    per report in ``out``). A scheduler that stops a trial on a report ends its workers while report()
+    returns, so the epoch being reported must be in the file by then."""
+
+    def __init__(self, run_dir: str, out: str):
+        self.run_dir, self.out = run_dir, out
+
+    @contextlib.contextmanager
+    def on_report(self):
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(self.out, "a") as f:
+                f.write(f"{len(read_history(self.run_dir))}\n")
+        yield
+
+
 @pytest.fixture(scope="module")
 def clean_run(data, cluster):
     """An uninterrupted 2-worker run; the reference for the fault test."""
     storage = data / "runs"
     start = time.monotonic()
-    summary = run(tiny_config(data / "shards"), options(storage, "clean", trace_data=True), log=print)
+    plan = plan_run(tiny_config(data / "shards"), options(storage, "clean", trace_data=True), log=print)
+    plan.callbacks.append(HistoryAtEachReport(str(storage / "clean"), str(data / "history_at_report.txt")))
+    summary = launch(plan, log=print)
     return summary, storage / "clean", time.monotonic() - start
 
 
@@ -185,7 +208,6 @@ def test_workers_keep_pythons_print(data, cluster, tmp_path):
     import ray.train
 
     from sdetr.platform.training.driver import WORKER_RUNTIME_ENV, Trainer, build_trainer
-    from sdetr.platform.training.run_plan import plan_run
 
     seen = {}
     for name, runtime_env in (("ray_default", None), ("sdetr", WORKER_RUNTIME_ENV)):
@@ -239,6 +261,9 @@ def test_two_workers_learn_on_disjoint_shards(clean_run):
     state = read_checkpoint(summary["state_file"])
     history = state["history"]
     assert [int(r["epoch"]) for r in history] == list(range(EPOCHS))
+    # Every epoch was in history.json before its report (one report per epoch: no mid-epoch checkpoints).
+    at_report = (run_dir.parent.parent / "history_at_report.txt").read_text().split()
+    assert at_report == [str(n) for n in range(1, EPOCHS + 1)], at_report
     losses = [r["train_loss"] for r in history]
     assert losses[-1] < losses[0], losses
     assert {"AP", "AP50", "APs"} <= set(history[-1]) and "AP" not in history[0]

@@ -229,10 +229,6 @@ def finish_epoch(
     if setup.rank == 0:
         print(format_record(record))
     save_and_report(setup, modules, progress, logger, {k: v for k, v in record.items() if k != "epoch"})
-    if setup.rank == 0:
-        # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun); in the
-        # run folder, local or on object storage (checkpoint_root is its URI there).
-        write_history(setup.run_folder, setup.cfg.optim.epochs, progress.history)
     progress.epoch, progress.batches_done = progress.epoch + 1, 0
 
 
@@ -283,11 +279,18 @@ def save_and_report(
         tmp = None if in_place else folder
         save_atomic(checkpoint_state(setup, modules, progress, rng_all), folder / STATE_FILE)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+    epoch_end = progress.batches_done >= setup.steps_per_epoch
+    if setup.rank == 0 and epoch_end:
+        # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun), in the
+        # run folder, local or on object storage (checkpoint_root is its URI there). Before the report:
+        # a scheduler that stops the trial on this report (ASHA at a rung or at max_t) ends the workers
+        # while report() returns, and the epoch would be missing from the file.
+        write_history(setup.run_folder, setup.cfg.optim.epochs, progress.history)
     report = TrainReport(
         epoch=progress.epoch,
         batches_done=progress.batches_done,
         global_step=progress.global_step,
-        epoch_end=progress.batches_done >= setup.steps_per_epoch,
+        epoch_end=epoch_end,
         metrics=metrics,
     )
     mode = CheckpointUploadMode.NO_UPLOAD if in_place else CheckpointUploadMode.SYNC
