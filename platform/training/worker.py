@@ -279,13 +279,19 @@ def save_and_report(
         tmp = None if in_place else folder
         save_atomic(checkpoint_state(setup, modules, progress, rng_all), folder / STATE_FILE)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+    # history.json, the per-epoch results readable without Ray or torch (sweep status, a finished trial's
+    # rerun), lists an epoch once its checkpoint is stored and before Ray hears of it: a scheduler that
+    # stops the trial on this report (ASHA at a rung or at max_t) ends the workers while report()
+    # returns. Locally the checkpoint is in place by now; on object storage Ray uploads it inside report(),
+    # and the file is written right after that upload, before the report is queued for the controller.
     epoch_end = progress.batches_done >= setup.steps_per_epoch
+    upload = None
     if setup.rank == 0 and epoch_end:
-        # Per-epoch results readable without Ray or torch (sweep status, a finished trial's rerun), in the
-        # run folder, local or on object storage (checkpoint_root is its URI there). Before the report:
-        # a scheduler that stops the trial on this report (ASHA at a rung or at max_t) ends the workers
-        # while report() returns, and the epoch would be missing from the file.
-        write_history(setup.run_folder, setup.cfg.optim.epochs, progress.history)
+        history = (setup.run_folder, setup.cfg.optim.epochs, list(progress.history))
+        if in_place:
+            write_history(*history)
+        else:
+            upload = partial(upload_then_write_history, history)
     report = TrainReport(
         epoch=progress.epoch,
         batches_done=progress.batches_done,
@@ -295,7 +301,11 @@ def save_and_report(
     )
     mode = CheckpointUploadMode.NO_UPLOAD if in_place else CheckpointUploadMode.SYNC
     ray.train.report(
-        report.to_ray(), checkpoint=checkpoint, checkpoint_dir_name=dir_name, checkpoint_upload_mode=mode
+        report.to_ray(),
+        checkpoint=checkpoint,
+        checkpoint_dir_name=dir_name,
+        checkpoint_upload_mode=mode,
+        checkpoint_upload_fn=upload,
     )
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -309,6 +319,16 @@ def save_and_report(
         )
     if logger is not None:
         logger.set_tags({"sdetr.checkpoint": f"{setup.checkpoint_root}/{dir_name}"})
+
+
+def upload_then_write_history(
+    history: tuple[Path | str, int, list[dict[str, Any]]], checkpoint: ray.train.Checkpoint, dir_name: str
+) -> ray.train.Checkpoint:
+    """A ``checkpoint_upload_fn`` for object storage: Ray's own upload of the checkpoint, then
+    ``write_history(*history)``; both before ``ray.train.report`` queues the report."""
+    stored = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+    write_history(*history)
+    return stored
 
 
 def traced(batches, setup: WorkerSetup, epoch: int):
