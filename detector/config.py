@@ -253,6 +253,18 @@ def fast_bf16(device_type: str) -> bool:
     return False
 
 
+def slow_bf16_note(amp: str, device_type: str, where: str = "train.amp") -> str | None:
+    """A line for the log when ``amp`` asks for bf16 on a CPU without bf16 arithmetic (AVX2 only, for
+    example): oneDNN emulates it there, and a ``mini_*`` training step took 9x as long as in fp32 on such
+    a CPU (docs/benchmarks.md, "Demo"). None otherwise; ``auto`` chooses by itself."""
+    if amp != "bf16" or device_type != "cpu" or fast_bf16("cpu"):
+        return None
+    return (
+        f"note: {where}=bf16 on a CPU without AMX or AVX512-BF16: bf16 is emulated here and training "
+        f"is several times slower than in fp32; {where}=auto uses bf16 only where it is fast"
+    )
+
+
 def amp_dtype(amp: str, device_type: str, where: str = "train.amp"):
     """The autocast dtype of ``train.amp`` on ``device_type`` ("cpu" / "cuda"), or None for ``none``.
 

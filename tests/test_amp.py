@@ -8,7 +8,7 @@ import torch
 
 from sdetr.detector import ops
 from sdetr.detector.build import build_criterion, build_model
-from sdetr.detector.config import ConfigError, amp_dtype
+from sdetr.detector.config import ConfigError, amp_dtype, slow_bf16_note
 from sdetr.detector.layers.ms_deform_attn import ms_deform_attn_pytorch
 from sdetr.detector.presets import get_preset
 from sdetr.platform.training.engine import to_float32
@@ -66,6 +66,12 @@ def test_amp_modes_checked(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         assert amp_dtype("auto", "cpu") == expected
+        # An explicit bf16 on a CPU that emulates it trains, with a note in the log; auto never needs one.
+        note = slow_bf16_note("bf16", "cpu")
+        assert (note is None) == (expected is not None), note
+        assert note is None or "train.amp=auto" in note
+        assert slow_bf16_note("auto", "cpu") is None and slow_bf16_note("none", "cpu") is None
+    assert slow_bf16_note("bf16", "cuda") is None
     assert amp_dtype("fp16", "cuda") == torch.float16
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         amp_dtype("fp16", "cpu")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from sdetr.detector.build import build_criterion, build_model, count_parameters
 from sdetr.detector.checkpoint import save_atomic
-from sdetr.detector.config import Config, resolve_device
+from sdetr.detector.config import Config, resolve_device, slow_bf16_note
 from sdetr.detector.data import build_dataset, collate_fn
 from sdetr.detector.errors import ConfigError, DataError
 from sdetr.detector.evaluation.postprocess import PostProcess
@@ -140,6 +140,9 @@ def train(
     existing = resume_checkpoint(ckpt_dir, restart=restart, log=log)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
+    note = slow_bf16_note(cfg.train.amp, device.type)
+    if note:
+        log(note)
     if classes_from_data:
         cfg.model.num_classes = max(classes_of_data(cfg), 1)
     if existing:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from sdetr.detector.config import Config, amp_dtype
+from sdetr.detector.config import Config, amp_dtype, slow_bf16_note
 from sdetr.detector.errors import ConfigError, DataError
 from sdetr.platform import tracking
 from sdetr.platform.layout import (
@@ -103,6 +103,9 @@ def plan_run(cfg: Config, opts: DistributedOptions, log=print) -> RunPlan:
         raise ConfigError(f"--workers {opts.workers}: a run needs at least 1 worker")
     check_schedule(cfg)
     check_device(cfg, opts.gpus_per_worker)
+    note = slow_bf16_note(cfg.train.amp, "cuda" if opts.gpus_per_worker > 0 else "cpu")
+    if note:
+        log(note)
     if cfg.train.time_limit_s > 0:
         # Ranks reading the clock would stop at different steps and hang DDP's collectives.
         log("note: train.time_limit_s applies to single-process training only; ignored with --workers")
