@@ -325,8 +325,8 @@ def cost_of_preset(
     """
     from sdetr.detector import ops
     from sdetr.detector.build import build_model, count_parameters
-    from sdetr.detector.config import resolve_device
     from sdetr.detector.errors import DataError
+    from sdetr.detector.precision import resolve_device
     from sdetr.detector.presets import get_preset
 
     cfg = (

@@ -8,8 +8,9 @@ import torch
 
 from sdetr.detector import ops
 from sdetr.detector.build import build_criterion, build_model
-from sdetr.detector.config import ConfigError, amp_dtype, slow_bf16_note
+from sdetr.detector.errors import ConfigError
 from sdetr.detector.layers.ms_deform_attn import ms_deform_attn_pytorch
+from sdetr.detector.precision import amp_dtype, slow_bf16_note
 from sdetr.detector.presets import get_preset
 from sdetr.platform.training.engine import to_float32
 from tests.test_model import padded_batch

@@ -77,9 +77,9 @@ def cmd_predict(args) -> int:
 
     from sdetr.detector.build import build_model
     from sdetr.detector.checkpoint import load_model_weights
-    from sdetr.detector.config import resolve_device
     from sdetr.detector.data import make_transforms
     from sdetr.detector.data.categories import CategoryMap
+    from sdetr.detector.precision import resolve_device
     from sdetr.platform.evaluation.checkpoints import load_checkpoint
     from sdetr.platform.layout import write_json
     from sdetr.platform.training.pictures import draw, save_png

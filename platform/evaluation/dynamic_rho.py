@@ -38,13 +38,13 @@ import torch
 
 from sdetr.detector.build import build_model
 from sdetr.detector.checkpoint import load_model_weights
-from sdetr.detector.config import resolve_device
 from sdetr.detector.cost import FIXED_INPUT_HW, FlopReport, count_flops
 from sdetr.detector.data import build_dataset, collate_fn, make_transforms
 from sdetr.detector.data.categories import CategoryMap
 from sdetr.detector.errors import CheckpointError, ConfigError, DataError
 from sdetr.detector.evaluation.coco_eval import METRIC_NAMES, evaluate_detections
 from sdetr.detector.evaluation.postprocess import PostProcess
+from sdetr.detector.precision import resolve_device
 from sdetr.platform import tracking
 from sdetr.platform.evaluation.checkpoints import load_checkpoint
 from sdetr.platform.layout import (

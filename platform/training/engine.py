@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sdetr.detector.config import amp_dtype
 from sdetr.detector.errors import SdetrError
 from sdetr.detector.evaluation.coco_eval import evaluate_detections, results_to_detections
+from sdetr.detector.precision import amp_dtype
 
 # Loss terms worth logging per step (the rest are per-layer copies of these); the last four are
 # Faster R-CNN's.

@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader
 
 from sdetr.detector.build import build_criterion, build_model, count_parameters
 from sdetr.detector.checkpoint import save_atomic
-from sdetr.detector.config import Config, resolve_device, slow_bf16_note
+from sdetr.detector.config import Config
 from sdetr.detector.data import build_dataset, collate_fn
 from sdetr.detector.errors import ConfigError, DataError
 from sdetr.detector.evaluation.postprocess import PostProcess
+from sdetr.detector.precision import resolve_device, slow_bf16_note
 from sdetr.platform.layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,

@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from sdetr.detector.config import Config, amp_dtype, slow_bf16_note
+from sdetr.detector.config import Config
 from sdetr.detector.errors import ConfigError, DataError
+from sdetr.detector.precision import amp_dtype, slow_bf16_note
 from sdetr.platform import tracking
 from sdetr.platform.layout import (
     CHECKPOINT_GLOB,
@@ -102,10 +103,7 @@ def plan_run(cfg: Config, opts: DistributedOptions, log=print) -> RunPlan:
     if isinstance(opts.workers, bool) or not isinstance(opts.workers, int) or opts.workers < 1:
         raise ConfigError(f"--workers {opts.workers}: a run needs at least 1 worker")
     check_schedule(cfg)
-    check_device(cfg, opts.gpus_per_worker)
-    note = slow_bf16_note(cfg.train.amp, "cuda" if opts.gpus_per_worker > 0 else "cpu")
-    if note:
-        log(note)
+    check_device(cfg, opts.gpus_per_worker, log)
     if cfg.train.time_limit_s > 0:
         # Ranks reading the clock would stop at different steps and hang DDP's collectives.
         log("note: train.time_limit_s applies to single-process training only; ignored with --workers")
@@ -172,13 +170,17 @@ def resolve_plan(
     return RunPlan(cfg, storage, data_path, workers, cpus, gpus, steps, mlflow, **kwargs)
 
 
-def check_device(cfg: Config, gpus_per_worker: float) -> None:
+def check_device(cfg: Config, gpus_per_worker: float, log=print) -> None:
     if gpus_per_worker > 0 and cfg.train.device == "cpu":
         raise ConfigError("train.device=cpu contradicts --gpus-per-worker; drop one of them")
     if gpus_per_worker == 0 and cfg.train.device.startswith("cuda"):
         raise ConfigError(f"train.device={cfg.train.device} needs --gpus-per-worker 1 (or more)")
-    # fp16 on CPU (or an unknown mode) is refused before Ray starts.
-    amp_dtype(cfg.train.amp, "cuda" if gpus_per_worker > 0 else "cpu")
+    # fp16 on CPU (or an unknown mode) is refused before Ray starts; emulated bf16 gets a note.
+    device_type = "cuda" if gpus_per_worker > 0 else "cpu"
+    amp_dtype(cfg.train.amp, device_type)
+    note = slow_bf16_note(cfg.train.amp, device_type)
+    if note:
+        log(note)
 
 
 def check_categories(data_path: str, num_classes: int, where: str | None = None) -> None:
