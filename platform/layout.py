@@ -57,6 +57,11 @@ def ray_checkpoint_name(epoch: int, batches_done: int) -> str:
     return f"checkpoint_epoch{epoch:04d}_step{batches_done:06d}"
 
 
+def worker_status_file(rank: int) -> str:
+    """In WORKERS_DIR: a Ray worker's position (epoch, step), rewritten after every step."""
+    return f"rank{rank}.json"
+
+
 # -- sweep folders ---------------------------------------------------------------------------------
 SPEC_FILE = "sweep.yaml"
 SWEEP_RECORD = "sweep.json"

@@ -131,6 +131,43 @@ def test_progress_pickles_where_print_is_replaced(tmp_path, monkeypatch, capsys)
     assert "after a resume" in capsys.readouterr().out
 
 
+def test_status_line_places_each_running_trial(tmp_path):
+    """While waiting, the status line says where each running trial is: its epoch and the share of it
+    done, from the status file its rank 0 rewrites after every step."""
+    import json
+    import types
+
+    from sdetr.platform.layout import WORKERS_DIR, worker_status_file
+    from sdetr.platform.sweeps.progress import WIDTH, SweepProgress
+
+    path = tmp_path / "s.yaml"
+    path.write_text("preset: tiny_sparse_detr_rho_0.1\nspace:\n  model.rho: [0.1, 0.2, 0.3]\nepochs: 3\n")
+    trials_dir = tmp_path / "trials"
+    positions = {"ab12c_00000": (1, 40, 100), "ab12c_00002": (0, 7, 28)}
+    for trial_id, (epoch, step, steps) in positions.items():
+        folder = trials_dir / trial_id / WORKERS_DIR
+        folder.mkdir(parents=True)
+        status = {"pid": 1, "epoch": epoch, "step": step, "global_step": 0, "steps_per_epoch": steps}
+        (folder / worker_status_file(0)).write_text(json.dumps(status))
+    # Running without a status file yet (its workers are starting): counted, not placed.
+    (trials_dir / "ab12c_00001" / WORKERS_DIR).mkdir(parents=True)
+    lines: list[str] = []
+    progress = SweepProgress(load_sweep(path), lines.append, interval_s=0.0, trials_dir=str(trials_dir))
+    trials = [
+        types.SimpleNamespace(trial_id=f"ab12c_0000{i}", status="RUNNING", config={"model.rho": rho})
+        for i, rho in enumerate((0.1, 0.2, 0.3))
+    ]
+    progress.on_step_end(0, trials)
+    assert lines[-1].endswith("waiting: 3 running of 3 (00000 epoch 2/3 40 %, 00002 epoch 1/3 25 %)"), lines
+    assert len(lines[-1]) <= WIDTH
+    # A file being replaced (torn) places nothing and breaks nothing; a sweep on object storage has none.
+    (trials_dir / "ab12c_00000" / WORKERS_DIR / worker_status_file(0)).write_text('{"epoch": 1, "st')
+    progress.on_step_end(0, trials)
+    assert lines[-1].endswith("waiting: 3 running of 3 (00002 epoch 1/3 25 %)"), lines
+    SweepProgress(load_sweep(path), lines.append, interval_s=0.0).on_step_end(0, trials)
+    assert lines[-1].endswith("waiting: 3 running of 3"), lines
+
+
 def test_moasha_from_a_sweep_file_keeps_the_ends_of_the_front(ray_local, tmp_path):
     """``scheduler: {type: moasha}``: every stand-in trial is on the AP-GFLOPs front (AP and GFLOPs both
     grow with ρ), so MOASHA keeps the cheapest and the most accurate trial (infinite crowding distance)

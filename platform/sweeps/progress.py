@@ -7,8 +7,9 @@ without AP, GFLOPs or what each trial is. The sweep silences it (``verbose=0``) 
     [  1:07] 58f91_00001 started    Sparse ρ=0.3 R18
     [  3:12] 58f91_00001 epoch 1/3  AP  0.3 %  AP50  1.1 %  loss 12.85   Sparse ρ=0.3 R18
     [  8:15] 58f91_00001 completed  AP  7.0 %  AP50 28.9 %  1.74 GFLOPs  Sparse ρ=0.3 R18
-    [  9:15] waiting: 2 running, 1 ended, 1 pending of 4
+    [  9:15] waiting: 2 running, 1 ended, 1 pending of 4 (00002 epoch 1/3 40 %, 00003 epoch 1/3 25 %)
 
+The status line places each running trial of a sweep on local storage (its rank 0's status file).
 Every line fits `WIDTH` columns. The callback is part of Tune's run config, which Tune pickles with the
 experiment and uses again when the sweep resumes, so it pickles only plain data.
 """
@@ -16,15 +17,18 @@ experiment and uses again when the sweep resumes, so it pickles only plain data.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
+from sdetr.platform.layout import WORKERS_DIR, worker_status_file
 from sdetr.platform.pareto.files import ap_percent
 from sdetr.platform.sweeps.spec import SweepSpec
 
@@ -68,13 +72,30 @@ def clip(line: str, width: int = WIDTH) -> str:
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
+def trial_position(trial_dir: Path, epochs: int) -> str | None:
+    """Where a running trial is (``"epoch 2/3 40 %"``), from its rank 0's status file; None before its
+    first step or where the file cannot be read (it is being replaced, or the folder is elsewhere)."""
+    try:
+        status = json.loads((trial_dir / WORKERS_DIR / worker_status_file(0)).read_text())
+        epoch, step, steps = int(status["epoch"]) + 1, int(status["step"]), int(status["steps_per_epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    of = f"/{epochs}" if epochs else ""
+    return f"epoch {epoch}{of} {100 * step // max(steps, 1)} %"
+
+
 class SweepProgress(Callback):
-    """Prints the lines above through ``log``; ``interval_s``: the quiet time before a status line."""
+    """Prints the lines above through ``log``; ``interval_s``: the quiet time before a status line;
+    ``trials_dir``: the local folder of the trials' run folders (None on object storage)."""
 
     def __init__(
-        self, spec: SweepSpec, log: Callable[[str], Any] = print, interval_s: float = STATUS_EVERY_S
+        self,
+        spec: SweepSpec,
+        log: Callable[[str], Any] = print,
+        interval_s: float = STATUS_EVERY_S,
+        trials_dir: str | None = None,
     ):
-        self.spec, self.log, self.interval_s = spec, log, interval_s
+        self.spec, self.log, self.interval_s, self.trials_dir = spec, log, interval_s, trials_dir
         self.start = self.last_line = time.monotonic()
         self.known: dict[str, tuple[str, int]] = {}
 
@@ -149,4 +170,12 @@ class SweepProgress(Callback):
         parts = [f"{counts[key]} {name}" for key, name in names.items() if counts.get(key)]
         parts += [f"{n} {status}" for status, n in counts.items() if status not in names]
         total = self.spec.num_trials() or len(trials)
-        self.say(f"waiting: {', '.join(parts) or 'no trials yet'} of {total}")
+        where = []
+        if self.trials_dir:
+            for trial in sorted(trials, key=lambda t: t.trial_id):
+                if str(trial.status).lower() == "running":
+                    position = trial_position(Path(self.trials_dir, trial.trial_id), self.describe(trial)[1])
+                    if position:
+                        where.append(f"{trial.trial_id.rsplit('_', 1)[-1]} {position}")
+        positions = f" ({', '.join(where)})" if where else ""
+        self.say(f"waiting: {', '.join(parts) or 'no trials yet'} of {total}{positions}")

@@ -37,7 +37,9 @@ from sdetr.platform.layout import (
     SWEEP_RECORD,
     TIME_ATTR,
     TRIAL_STATES_FILE,
+    TRIALS_DIR,
 )
+from sdetr.platform.ray_logging import init_ray
 from sdetr.platform.resources import TRIAL_DRIVER_CPUS, cluster_resources
 from sdetr.platform.shards.dataset import check_shards
 from sdetr.platform.storage import Location, RunStorage, is_uri
@@ -262,7 +264,7 @@ def _tune(
     log=print,
 ):
     if not ray.is_initialized():
-        ray.init(address=address)
+        init_ray(address)
     if not context.ray_job_id:
         # Run directly rather than submitted: the Ray driver's job id identifies it on the dashboard.
         context.ray_job_id = ray.get_runtime_context().get_job_id()
@@ -283,6 +285,8 @@ def _tune(
     path = str(sweep)  # a folder or a URI: Tune reads and writes it through pyarrow as we do
     # MOASHA's record is a local file: with a sweep on object storage it stays on the driver's machine.
     local_dir = sweep.local or Path.home() / ".cache" / "sdetr" / "sweeps" / sweep.name
+    # Where the status line finds the running trials' positions (not on object storage).
+    trials_dir = str(sweep.local / TRIALS_DIR) if sweep.local is not None else None
     if restore and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         with quiet_tune_output():
@@ -297,7 +301,7 @@ def _tune(
             failure_config=tune.FailureConfig(max_failures=max(spec.max_failures, 0)),
             # Tune's table is 166 columns of loss terms; SweepProgress prints a line per trial event.
             verbose=0,
-            callbacks=[SweepProgress(spec, log)],
+            callbacks=[SweepProgress(spec, log, trials_dir=trials_dir)],
         ),
     )
     with quiet_tune_output():

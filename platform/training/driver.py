@@ -26,6 +26,7 @@ from sdetr.detector.errors import SdetrError
 from sdetr.platform import tracking
 from sdetr.platform.layout import CONFIG_FILE, RUN_RECORD, STATE_FILE
 from sdetr.platform.metric_logger import MetricLogger
+from sdetr.platform.ray_logging import init_ray, train_logging_config
 from sdetr.platform.shards.reader import dataset_config, read_split
 from sdetr.platform.training.checkpointing import remove_interrupted_writes
 from sdetr.platform.training.run_plan import DistributedOptions, RunPlan, check_previous_run, plan_run
@@ -176,7 +177,7 @@ def fit(plan: RunPlan, tracked, log=print):
     ``max_failures`` budget.
     """
     if not ray.is_initialized():
-        ray.init(address=plan.address)
+        init_ray(plan.address)
     lost = 0
     while True:
         try:
@@ -243,6 +244,7 @@ def build_trainer(plan: RunPlan, tracked) -> Trainer:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep if keep > 0 else None),
             callbacks=list(plan.callbacks),
             worker_runtime_env=WORKER_RUNTIME_ENV,
+            logging_config=train_logging_config(),
         ),
         datasets={
             "train": read_split(plan.data_path, "train", max_images=cfg.data.max_train_images),

@@ -27,8 +27,9 @@ from sdetr.detector.checkpoint import save_atomic
 from sdetr.detector.config import Config
 from sdetr.detector.evaluation.postprocess import PostProcess
 from sdetr.platform import tracking
-from sdetr.platform.layout import METRICS_SPOOL, STATE_FILE, append_jsonl, write_json
+from sdetr.platform.layout import METRICS_SPOOL, STATE_FILE, append_jsonl, worker_status_file, write_json
 from sdetr.platform.metric_logger import MetricLogger
+from sdetr.platform.ray_logging import quiet_report_log
 from sdetr.platform.shards.dataset import coco_ground_truth
 from sdetr.platform.shards.reader import iter_epoch
 from sdetr.platform.storage import Location
@@ -60,6 +61,7 @@ EPOCH_MARKER = "epoch"  # logged once per epoch at step=epoch; gates duplicate e
 
 def train_func(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker; ``config`` is the driver's plain ``train_loop_config``."""
+    quiet_report_log()
     setup = make_setup(config)
     if setup.workers_dir is not None:
         setup.workers_dir.mkdir(parents=True, exist_ok=True)
@@ -185,8 +187,8 @@ def after_step(
         save_and_report(setup, modules, progress, logger, {"loss": metrics["loss"]})
     if setup.workers_dir is not None:
         status = {"pid": os.getpid(), "node_id": setup.node_id, "epoch": progress.epoch, "step": step}
-        status["global_step"] = progress.global_step
-        write_json(setup.workers_dir / f"rank{setup.rank}.json", status)
+        status.update(global_step=progress.global_step, steps_per_epoch=setup.steps_per_epoch)
+        write_json(setup.workers_dir / worker_status_file(setup.rank), status)
 
 
 def is_eval_epoch(cfg: Config, epoch: int) -> bool:
