@@ -23,11 +23,14 @@ RAY_DATA_LOG_LEVEL = "WARNING"
 
 
 def init_ray(address: str | None) -> None:
-    """``ray.init(address)``; a local instance started here gets Ray Data's quieter level.
+    """``ray.init(address)`` unless this process has joined Ray already; a local instance started here
+    gets Ray Data's quieter level.
 
     Ray's processes inherit the environment of the driver that starts the instance, so the level set
     here reaches Ray Data in every worker and actor of it; an existing cluster keeps its own.
     """
+    if ray.is_initialized():
+        return
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", RAY_DATA_LOG_LEVEL)
     ray.init(address=address)
 

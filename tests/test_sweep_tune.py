@@ -160,7 +160,7 @@ def test_status_line_places_each_running_trial(tmp_path):
     progress.on_step_end(0, trials)
     assert lines[-1].endswith("waiting: 3 running of 3 (00000 epoch 2/3 40 %, 00002 epoch 1/3 25 %)"), lines
     assert len(lines[-1]) <= WIDTH
-    # A file being replaced (torn) places nothing and breaks nothing; a sweep on object storage has none.
+    # An unreadable status file places nothing and breaks nothing; a sweep on object storage has none.
     (trials_dir / "ab12c_00000" / WORKERS_DIR / worker_status_file(0)).write_text('{"epoch": 1, "st')
     progress.on_step_end(0, trials)
     assert lines[-1].endswith("waiting: 3 running of 3 (00002 epoch 1/3 25 %)"), lines

@@ -74,7 +74,7 @@ def clip(line: str, width: int = WIDTH) -> str:
 
 def trial_position(trial_dir: Path, epochs: int) -> str | None:
     """Where a running trial is (``"epoch 2/3 40 %"``), from its rank 0's status file; None before its
-    first step or where the file cannot be read (it is being replaced, or the folder is elsewhere)."""
+    first step or where the file is unreadable (e.g. written by an sdetr without ``steps_per_epoch``)."""
     try:
         status = json.loads((trial_dir / WORKERS_DIR / worker_status_file(0)).read_text())
         epoch, step, steps = int(status["epoch"]) + 1, int(status["step"]), int(status["steps_per_epoch"])

@@ -263,8 +263,7 @@ def _tune(
     restore: bool,
     log=print,
 ):
-    if not ray.is_initialized():
-        init_ray(address)
+    init_ray(address)
     if not context.ray_job_id:
         # Run directly rather than submitted: the Ray driver's job id identifies it on the dashboard.
         context.ray_job_id = ray.get_runtime_context().get_job_id()

@@ -176,8 +176,7 @@ def fit(plan: RunPlan, tracked, log=print):
     It is the same lost process, so it is retried here from the run's snapshot, within the same
     ``max_failures`` budget.
     """
-    if not ray.is_initialized():
-        init_ray(plan.address)
+    init_ray(plan.address)
     lost = 0
     while True:
         try:
