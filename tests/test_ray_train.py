@@ -388,6 +388,7 @@ def test_driver_death_then_rerun_continues_the_run(data, cluster, tmp_path):
     assert second.returncode == 0, log_excerpt(out)
     assert "resuming run" in out and "skipping unreadable checkpoint" in out
     assert "Reporting training result" not in out and "Started training worker group" not in out
+    assert re.search(r"epoch 1 \| loss", out), out[-3000:]  # outside a sweep, the worker's epoch line
     assert re.search("resuming from .*checkpoint_epoch0000_step000002: epoch 1, batch 2", out), out[-3000:]
     # The retrained epoch's checkpoint did not reuse the torn one's registered folder.
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]

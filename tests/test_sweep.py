@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -137,6 +138,8 @@ def test_moasha_over_detector_families_puts_them_on_one_plot(shards, tmp_path):
     # Ray's bookkeeping stays in its log files: no report records, worker-group set-up or dataset lines.
     for noise in ("Reporting training result", "Started training worker group", "execution finished"):
         assert noise not in done.stdout + done.stderr, noise
+    # Each trial epoch once: the sweep's own line, not also the Train worker's.
+    assert " epoch 1/2 " in done.stdout and not re.search(r"epoch \d+ \| loss", done.stdout + done.stderr)
     sweep_dir = storage / "encoders_tiny"
     rows = {r["trial_id"]: r for r in csv.DictReader((sweep_dir / "pareto" / "pareto.csv").open())}
     # Every family on the plot, with its own cost and an AP, stopped early or not.

@@ -209,5 +209,8 @@ def trial_main(params: dict[str, Any], context: SweepContext) -> None:
         callbacks=[
             EpochReportCallback(extra, cfg.optim.epochs, folder.uri, label, parent.get("tracking_uri"))
         ],
+        # The sweep's driver prints a line per trial epoch (sweeps/progress.py); the worker's own would
+        # repeat it, prefixed by Ray with the worker's process.
+        print_epochs=False,
     )
     launch(plan)

@@ -229,6 +229,7 @@ def build_trainer(plan: RunPlan, tracked) -> Trainer:
             "threads": max(1, int(plan.cpus_per_worker)),
             "mlflow": tracked.to_dict() if tracked else None,
             "trace_data": plan.trace_data,
+            "print_epochs": plan.print_epochs,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.workers, use_gpu=use_gpu, resources_per_worker=resources

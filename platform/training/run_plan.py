@@ -83,6 +83,7 @@ class RunPlan:
     max_failures: int = 3
     trace_data: bool = False
     callbacks: list = field(default_factory=list)  # Ray Train callbacks (a sweep forwards reports to Tune)
+    print_epochs: bool = True  # rank 0 prints each epoch's line (a sweep prints its own line per epoch)
 
 
 def plan_run(cfg: Config, opts: DistributedOptions, log=print) -> RunPlan:

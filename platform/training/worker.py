@@ -108,6 +108,7 @@ def make_setup(config: dict[str, Any]) -> WorkerSetup:
         checkpoint_root=config["checkpoint_root"],
         node_id=ray.get_runtime_context().get_node_id(),
         trace_data=bool(config.get("trace_data")),
+        print_epochs=bool(config.get("print_epochs", True)),
     )
 
 
@@ -228,7 +229,7 @@ def finish_epoch(
         metrics = {EPOCH_MARKER: progress.epoch + 1, **mlflow_epoch_metrics(record), **percent_twins(record)}
         if logger.log(metrics, progress.epoch, marker=EPOCH_MARKER):
             logger.flush()
-    if setup.rank == 0:
+    if setup.rank == 0 and setup.print_epochs:
         print(format_record(record))
     save_and_report(setup, modules, progress, logger, {k: v for k, v in record.items() if k != "epoch"})
     progress.epoch, progress.batches_done = progress.epoch + 1, 0

@@ -29,6 +29,7 @@ class WorkerSetup:
     checkpoint_root: str  # where checkpoints are registered (a folder or URI)
     node_id: str = ""
     trace_data: bool = False
+    print_epochs: bool = True
 
     @property
     def workers_dir(self) -> Path | None:
